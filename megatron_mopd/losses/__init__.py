@@ -1,0 +1,22 @@
+"""Exact vocab-parallel distillation losses (DESIGN.md §2-§3).
+
+All take this rank's logits shard ``[..., V_local]`` and return a float32 per-position loss with the
+input's leading shape; ``masked_sum_and_count`` reduces it. ``tp_group=None`` means Megatron's
+tensor-parallel group when model parallelism is initialized, else no tensor parallelism.
+"""
+
+from megatron_mopd.losses.divergence import generalized_jsd_terms
+from megatron_mopd.losses.jsd import generalized_jsd
+from megatron_mopd.losses.reduction import IGNORE_INDEX, masked_sum_and_count
+from megatron_mopd.losses.topk import TAIL_MODES, topk_generalized_jsd
+from megatron_mopd.parallel.topk import vocab_parallel_topk
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TAIL_MODES",
+    "generalized_jsd",
+    "generalized_jsd_terms",
+    "masked_sum_and_count",
+    "topk_generalized_jsd",
+    "vocab_parallel_topk",
+]

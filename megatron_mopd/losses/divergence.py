@@ -1,0 +1,95 @@
+"""The generalized Jensen-Shannon divergence on a support, with its closed-form gradient.
+
+This is the one place the divergence math lives; every loss (full vocabulary, top-k with a tail
+bucket, renormalized top-k, cross-tokenizer) builds the student and teacher log-probabilities over its
+own support and calls ``generalized_jsd_terms``.
+
+With S, T the student and teacher distributions over a support and β ∈ [0, 1] (TRL's convention):
+
+    β = 0:  KL(T‖S) = Σ_j p_t (t − s)                               (forward KL)
+    β = 1:  KL(S‖T) = Σ_j p_s (s − t)                               (reverse KL)
+    else:   m = log((1−β)·p_s + β·p_t),  β·KL(T‖M) + (1−β)·KL(S‖M)  (mixture JSD)
+
+where s, t are log-probabilities. Treating s as free, g_j = ∂loss/∂s_j is
+
+    β = 0:  g = −p_t
+    β = 1:  g = p_s (s − t + 1)
+    else:   g = (1−β) · p_s (s − m)
+
+(in the mixture case the terms through m cancel: ∂m/∂s = (1−β)p_s / M and β p_t + (1−β) p_s = M).
+A caller turns g into logit gradients with the Jacobian of its own normalization; for a softmax
+s = z/τ − logsumexp(z/τ) that is ∂loss/∂z = (g − p_s · Σ_j g_j) / τ.
+
+Inputs must be finite: callers represent an entry that is absent on both sides by the same very
+negative log-probability on both sides (``ABSENT_LOGPROB``), which contributes exactly 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# exp(ABSENT_LOGPROB) == 0 in float32 and float64, and ABSENT − ABSENT == 0: an entry set to this on
+# both sides adds nothing to the loss or its gradient, without -inf arithmetic (which yields NaN).
+ABSENT_LOGPROB = -1.0e4
+
+
+def validate_beta(beta: float) -> None:
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1] (0: forward KL, 1: reverse KL), got {beta}")
+
+
+def validate_temperature(temperature: float) -> None:
+    if not (temperature > 0.0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+
+
+def generalized_jsd_terms(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss summed over the support and its gradient with respect to the student log-probs.
+
+    Args:
+        student_logp, teacher_logp: float32 ``[..., S]`` finite log-probabilities over one support
+            (S may be a vocabulary shard: then the returned sums are partial sums).
+        beta: interpolation in [0, 1].
+    Returns:
+        ``(loss [...], g [..., S])`` with ``loss = Σ_j ℓ_j`` and ``g_j = ∂loss/∂student_logp_j``.
+    """
+    s, t = student_logp, teacher_logp
+    if beta == 0.0:
+        p_t = t.exp()
+        loss = _rowdot(p_t, t - s)
+        return loss, p_t.neg_()
+    p_s = s.exp()
+    if beta == 1.0:
+        log_ratio = s - t
+        loss = _rowdot(p_s, log_ratio)
+        return loss, log_ratio.add_(1.0).mul_(p_s)
+    s_minus_m, t_minus_m = _log_ratios_to_mixture(s, t, beta)
+    student_term = s_minus_m.mul_(p_s)
+    loss = (1.0 - beta) * student_term.sum(-1) + beta * _rowdot(t.exp(), t_minus_m)
+    return loss, student_term.mul_(1.0 - beta)
+
+
+def _log_ratios_to_mixture(
+    s: torch.Tensor, t: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s − m, t − m) for m = log((1−β)e^s + βe^t), without cancellation when s ≈ t.
+
+    With d = t − s:  d ≤ 0:  s − m = −log1p(β · expm1(d))
+                     d > 0:  t − m = −log1p((1−β) · expm1(−d))
+    and the other one follows by ± d. Both are exactly 0 when s = t; expm1(−|d|) never overflows.
+    """
+    d = t - s
+    upper = d > 0
+    weight = upper * (1.0 - 2.0 * beta) + beta  # β where d ≤ 0, 1 − β where d > 0
+    log_ratio = d.abs().neg_().expm1_().mul_(weight).log1p_().neg_()
+    s_minus_m = torch.where(upper, log_ratio - d, log_ratio)
+    return s_minus_m, s_minus_m + d
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ over the last dimension of a·b, without materializing the product."""
+    return torch.linalg.vecdot(a, b)

@@ -1,0 +1,124 @@
+"""Generalized JSD between a student and a colocated teacher whose logits are sharded identically.
+
+Both logit tensors are ``[..., V_local]`` shards of the same (padded) vocabulary on each
+tensor-parallel rank. Per token:
+
+    s = log_softmax(z_s / τ),  t = log_softmax(z_t / τ)        over the true vocabulary
+    loss = generalized JSD_β(S, T)                              (losses/divergence.py)
+    ∂loss/∂z_s = (g − p_s · Σ_v g_v) / τ                        g = ∂loss/∂s
+
+Forward, in two passes over token chunks:
+  1. each rank's logsumexp of both sides; one all-gather of 2 scalars per token gives the global
+     normalizers;
+  2. per chunk, partial loss and Σ_v g_v on the local shard, one all-reduce of 2 scalars per token,
+     then the gradient of the chunk, written into the single float32 buffer kept for backward.
+Backward scales that buffer by the upstream gradient in place. The teacher is a constant: no
+gradient flows into ``teacher_logits``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_mopd.parallel.chunking import chunk_rows, local_logsumexp, row_slices, tempered_fp32
+from megatron_mopd.losses.divergence import generalized_jsd_terms, validate_beta, validate_temperature
+from megatron_mopd.parallel.vocab import ProcessGroup, VocabShard
+
+
+class _VocabParallelGeneralizedJSD(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        shard: VocabShard,
+        beta: float,
+        temperature: float,
+        rows_per_chunk: int,
+        loss_scale: float,
+    ) -> torch.Tensor:
+        z_s = student_logits.reshape(-1, shard.local_size)
+        z_t = teacher_logits.reshape(-1, shard.local_size)
+        num_tokens, valid = z_s.shape[0], shard.num_valid
+
+        local_lse = torch.stack(
+            [
+                local_logsumexp(z_s, valid, temperature, rows_per_chunk),
+                local_logsumexp(z_t, valid, temperature, rows_per_chunk),
+            ]
+        )
+        lse_s, lse_t = shard.logsumexp(local_lse)
+
+        loss = torch.empty(num_tokens, dtype=torch.float32, device=z_s.device)
+        grad = torch.zeros(z_s.shape, dtype=torch.float32, device=z_s.device)  # padded ids stay 0
+        for rows in row_slices(num_tokens, rows_per_chunk):
+            s = tempered_fp32(z_s[rows, :valid], temperature).sub_(lse_s[rows, None])
+            t = tempered_fp32(z_t[rows, :valid], temperature).sub_(lse_t[rows, None])
+            partial_loss, g = generalized_jsd_terms(s, t, beta)
+            del t
+            loss_and_g_sum = shard.all_reduce_(torch.stack([partial_loss, g.sum(-1)]))
+            loss[rows] = loss_and_g_sum[0]
+            # ∂loss/∂z_s = (g − p_s Σg) / τ, built in place in s's storage.
+            p_s_times_g_sum = s.exp_().mul_(loss_and_g_sum[1, :, None])
+            grad[rows, :valid] = g.sub_(p_s_times_g_sum).mul_(loss_scale / temperature)
+
+        ctx.save_for_backward(grad)
+        ctx.logits_shape, ctx.logits_dtype = student_logits.shape, student_logits.dtype
+        ctx.backward_done = False
+        return loss.mul_(loss_scale).view(student_logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):  # type: ignore[override]
+        if ctx.backward_done:
+            raise RuntimeError("generalized_jsd reuses its gradient buffer: backward runs only once")
+        ctx.backward_done = True
+        (grad,) = ctx.saved_tensors
+        grad.mul_(grad_loss.reshape(-1, 1))
+        grad_logits = grad.view(ctx.logits_shape).to(ctx.logits_dtype)
+        return grad_logits, None, None, None, None, None, None
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    vocab_size: Optional[int] = None,
+    tp_group: Optional[ProcessGroup] = None,
+    chunk_size: Optional[int] = None,
+    scale_by_temperature_squared: bool = False,
+) -> torch.Tensor:
+    """Per-token generalized JSD between vocab-sharded student and teacher logits.
+
+    Args:
+        student_logits: ``[..., V_local]`` this rank's shard (any float dtype; math in float32).
+        teacher_logits: same shape and sharding as ``student_logits``; treated as a constant.
+        beta: 0 → forward KL(T‖S), 1 → reverse KL(S‖T), else β·KL(T‖M) + (1−β)·KL(S‖M) with
+            M = (1−β)·S + β·T (TRL's convention).
+        temperature: τ > 0; both sides are softened as ``log_softmax(z / τ)``.
+        vocab_size: true vocabulary size; ids at or above it are padding (probability 0).
+            None: no padding.
+        tp_group: tensor-parallel group; None → Megatron's when initialized, else no TP.
+        chunk_size: tokens per chunk for the float32 temporaries (None: automatic).
+        scale_by_temperature_squared: multiply the loss (and gradient) by τ².
+    Returns:
+        float32 ``[...]``: the loss of each position (identical on every TP rank). Reduce it with
+        ``masked_sum_and_count``. Backward keeps one float32 buffer of the local logits' size.
+    """
+    validate_beta(beta)
+    validate_temperature(temperature)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits must have the student's shape {tuple(student_logits.shape)} (same "
+            f"vocabulary, same tensor-parallel sharding), got {tuple(teacher_logits.shape)}; a "
+            f"teacher with another vocabulary needs the cross-tokenizer losses"
+        )
+    shard = VocabShard.of(student_logits.shape[-1], vocab_size, tp_group)
+    rows = chunk_rows(chunk_size, shard.local_size)
+    scale = temperature**2 if scale_by_temperature_squared else 1.0
+    return _VocabParallelGeneralizedJSD.apply(
+        student_logits, teacher_logits.detach(), shard, beta, temperature, rows, scale
+    )

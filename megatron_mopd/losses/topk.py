@@ -1,0 +1,231 @@
+"""Generalized JSD against a teacher known only through its top-K (id, log-probability) pairs.
+
+The teacher ids are global student-vocabulary ids ``[..., K]``; entries whose log-probability is -inf
+are absent (a position may carry fewer than K). Two supports (DESIGN.md §2):
+
+``tail`` (default) — K + 1 buckets: the K ids and the rest. Student: s_k = log_softmax(z/τ)[id_k]
+    from its full-vocabulary softmax, tail s_∞ = log(1 − Σ_k e^{s_k}). Teacher: log_softmax over
+    [t_1..t_K, log(1 − Σ_k e^{t_k})] / τ. The exact divergence of the coarsened distributions.
+``renorm`` — the K ids only: both sides log_softmax over their K values / τ. Student mass outside
+    the K ids is not penalized, and only the logits at the K ids get a gradient.
+
+Gradients (g = ∂loss/∂s over the support, G = Σ_j g_j, p = softmax(z/τ) over the vocabulary):
+
+    tail:    ∂loss/∂z_v = [ p_v · (g_∞ / P_∞ − G) + 1{v = id_k} · (g_k − p_v · g_∞ / P_∞) ] / τ
+    renorm:  ∂loss/∂z_{id_k} = (g_k − q_k · G) / τ,   q = softmax over the K ids
+
+Communication per token: the K student logits at the teacher ids (masked local gather + all-reduce,
+identity backward: each rank writes gradients only into ids it owns) and, for ``tail``, one scalar
+for the logsumexp. Nothing of the local logits' size is kept for backward besides the input itself:
+backward recomputes p chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+
+from megatron_mopd.parallel.chunking import chunk_rows, local_logsumexp, row_slices, tempered_fp32
+from megatron_mopd.losses.divergence import (
+    ABSENT_LOGPROB,
+    generalized_jsd_terms,
+    validate_beta,
+    validate_temperature,
+)
+from megatron_mopd.parallel.vocab import ProcessGroup, VocabShard
+
+TailMode = Literal["tail", "renorm"]
+TAIL_MODES: tuple[str, ...] = ("tail", "renorm")
+
+# Teacher top-K probabilities may exceed 1 by rounding (servers send float32 log-probs); beyond this
+# the input is not a log-probability distribution (e.g. raw logits were passed).
+_MASS_TOLERANCE = 1e-3
+_TINY = torch.finfo(torch.float32).tiny
+
+
+class _VocabParallelTopKJSD(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        student_logits: torch.Tensor,
+        teacher_logprobs: torch.Tensor,
+        teacher_ids: torch.Tensor,
+        present: torch.Tensor,
+        shard: VocabShard,
+        beta: float,
+        temperature: float,
+        tail: bool,
+        rows_per_chunk: int,
+        loss_scale: float,
+    ) -> torch.Tensor:
+        z = student_logits.reshape(-1, shard.local_size)
+        k = teacher_ids.shape[-1]
+        ids = teacher_ids.reshape(-1, k)
+        present = present.reshape(-1, k)
+        t_raw = teacher_logprobs.reshape(-1, k).float()
+
+        student_at_ids = shard.gather_columns(z, ids, present).div_(temperature)
+        if tail:
+            lse = shard.logsumexp(local_logsumexp(z, shard.num_valid, temperature, rows_per_chunk))
+            s_ids = torch.where(present, student_at_ids - lse[:, None], ABSENT_LOGPROB)
+            p_ids = s_ids.exp()
+            student_tail_mass = (1.0 - p_ids.sum(-1)).clamp_min_(_TINY)
+            student = torch.cat([s_ids, student_tail_mass.log()[:, None]], dim=-1)
+            teacher_tail = (1.0 - torch.where(present, t_raw.exp(), 0.0).sum(-1)).clamp_min_(_TINY)
+            teacher = torch.cat([torch.where(present, t_raw, -torch.inf), teacher_tail.log()[:, None]], -1)
+            teacher = torch.log_softmax(teacher / temperature, dim=-1)
+            teacher[:, :k] = torch.where(present, teacher[:, :k], ABSENT_LOGPROB)
+        else:
+            student = _renormalized(student_at_ids, present)
+            teacher = _renormalized(t_raw / temperature, present)
+
+        loss, g = generalized_jsd_terms(student, teacher, beta)
+        g_sum = g.sum(-1, keepdim=True)
+        coef = loss_scale / temperature
+        if tail:
+            tail_ratio = g[:, k:] / student_tail_mass[:, None]  # g_∞ / P_∞
+            ids_coef = (g[:, :k] - p_ids * tail_ratio).mul_(coef)
+            dense_coef = (tail_ratio - g_sum).mul_(coef).squeeze(-1)
+            ctx.save_for_backward(z, lse, dense_coef, ids_coef, ids, present)
+        else:
+            ids_coef = (g - student.exp() * g_sum).mul_(coef)
+            ctx.save_for_backward(ids_coef, ids, present)
+        ctx.shard, ctx.temperature, ctx.tail, ctx.rows_per_chunk = shard, temperature, tail, rows_per_chunk
+        ctx.logits_shape, ctx.logits_dtype = student_logits.shape, student_logits.dtype
+        return loss.mul_(loss_scale).view(student_logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):  # type: ignore[override]
+        shard: VocabShard = ctx.shard
+        grad_loss = grad_loss.reshape(-1, 1).float()
+        if ctx.tail:
+            z, lse, dense_coef, ids_coef, ids, present = ctx.saved_tensors
+        else:
+            ids_coef, ids, present = ctx.saved_tensors
+        local_ids, owned = shard.owned_local_ids(ids, present)
+        ids_grad = torch.where(owned, ids_coef * grad_loss, 0.0)
+
+        grad = torch.zeros(ctx.logits_shape, dtype=ctx.logits_dtype, device=ids.device)
+        grad_2d = grad.view(-1, shard.local_size)
+        if not ctx.tail:
+            grad_2d.scatter_add_(-1, local_ids, ids_grad.to(grad.dtype))
+        elif shard.num_valid > 0:
+            # p_v · (g_∞/P_∞ − G)/τ over the valid columns, plus the corrections at the owned ids.
+            valid, local_ids = shard.num_valid, local_ids.clamp(max=shard.num_valid - 1)
+            for rows in row_slices(grad_2d.shape[0], ctx.rows_per_chunk):
+                chunk = tempered_fp32(z[rows, :valid], ctx.temperature).sub_(lse[rows, None]).exp_()
+                chunk.mul_(dense_coef[rows, None] * grad_loss[rows])
+                grad_2d[rows, :valid] = chunk.scatter_add_(-1, local_ids[rows], ids_grad[rows])
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+def _renormalized(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the present entries; absent entries (and rows with none) → ABSENT_LOGPROB."""
+    logp = torch.log_softmax(torch.where(present, values, -torch.inf), dim=-1)
+    return torch.where(present, logp, ABSENT_LOGPROB)
+
+
+def topk_generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    tail: TailMode = "tail",
+    vocab_size: Optional[int] = None,
+    tp_group: Optional[ProcessGroup] = None,
+    chunk_size: Optional[int] = None,
+    scale_by_temperature_squared: bool = False,
+) -> torch.Tensor:
+    """Per-token generalized JSD between vocab-sharded student logits and a teacher's top-K.
+
+    Args:
+        student_logits: ``[..., V_local]`` this rank's shard (any float dtype; math in float32).
+        teacher_topk_logprobs: ``[..., K]`` the teacher's log-probabilities (raw, τ = 1; -inf marks
+            an absent entry). In ``tail`` mode they must sum (as probabilities) to at most 1.
+        teacher_topk_ids: ``[..., K]`` integer global student-vocabulary ids; ids of present entries
+            must be distinct and in ``[0, vocab_size)``; ids of absent entries are ignored.
+        beta, temperature, vocab_size, tp_group, chunk_size, scale_by_temperature_squared: as in
+            ``generalized_jsd``. The teacher is tempered on the support it has:
+            ``log_softmax(logprob / τ)`` over its K entries (plus the tail bucket in ``tail`` mode).
+        tail: ``"tail"`` (K+1 buckets, default) or ``"renorm"`` (renormalize over the K ids).
+    Returns:
+        float32 ``[...]``: the loss of each position (identical on every TP rank). A position with no
+        present teacher entry contributes 0 in ``renorm`` mode; mask such positions out.
+    """
+    validate_beta(beta)
+    validate_temperature(temperature)
+    if tail not in TAIL_MODES:
+        raise ValueError(f"tail must be one of {TAIL_MODES}, got {tail!r}")
+    shard = VocabShard.of(student_logits.shape[-1], vocab_size, tp_group)
+    present = _validated_presence(
+        student_logits, teacher_topk_logprobs, teacher_topk_ids, shard.vocab_size, tail == "tail"
+    )
+    rows = chunk_rows(chunk_size, shard.local_size)
+    scale = temperature**2 if scale_by_temperature_squared else 1.0
+    return _VocabParallelTopKJSD.apply(
+        student_logits,
+        teacher_topk_logprobs.detach(),
+        teacher_topk_ids,
+        present,
+        shard,
+        beta,
+        temperature,
+        tail == "tail",
+        rows,
+        scale,
+    )
+
+
+def _validated_presence(
+    student_logits: torch.Tensor,
+    logprobs: torch.Tensor,
+    ids: torch.Tensor,
+    vocab_size: int,
+    check_mass: bool,
+) -> torch.Tensor:
+    """Check the teacher's top-K tensors; return the mask of present entries (finite log-probs)."""
+    if logprobs.shape != ids.shape or logprobs.dim() == 0 or logprobs.shape[-1] < 1:
+        raise ValueError(
+            f"teacher_topk_logprobs {tuple(logprobs.shape)} and teacher_topk_ids {tuple(ids.shape)} "
+            f"must have the same shape [..., K] with K >= 1"
+        )
+    if logprobs.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"teacher_topk_logprobs {tuple(logprobs.shape)} must have the student logits' leading "
+            f"shape {tuple(student_logits.shape[:-1])} followed by K"
+        )
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise ValueError(f"teacher_topk_ids must be an integer tensor, got {ids.dtype}")
+    if torch.isnan(logprobs).any() or torch.isposinf(logprobs).any():
+        raise ValueError("teacher_topk_logprobs contains NaN or +inf; absent entries must be -inf")
+    present = torch.isfinite(logprobs)
+    outside = present & ((ids < 0) | (ids >= vocab_size))
+    if outside.any():
+        where = tuple(torch.nonzero(outside)[0].tolist())
+        raise ValueError(
+            f"teacher_topk_ids[{', '.join(map(str, where))}] = {int(ids[where])} is outside the student "
+            f"vocabulary [0, {vocab_size}); a teacher with another tokenizer needs the cross-tokenizer "
+            f"losses, and absent entries need logprob -inf"
+        )
+    if ids.shape[-1] > 1:
+        # Absent entries get distinct negative ids, so only present duplicates compare equal.
+        k = ids.shape[-1]
+        placeholder = -1 - torch.arange(k, device=ids.device)
+        keyed = torch.where(present, ids.long(), placeholder).sort(dim=-1).values
+        duplicated = (keyed[..., 1:] == keyed[..., :-1]).any(-1)
+        if duplicated.any():
+            where = tuple(torch.nonzero(duplicated)[0].tolist())
+            raise ValueError(f"teacher_topk_ids has a repeated id at position {where}: ids must be distinct")
+    if check_mass:
+        mass = torch.where(present, logprobs.float().exp(), 0.0).sum(-1)
+        over = mass > 1.0 + _MASS_TOLERANCE
+        if over.any():
+            where = tuple(torch.nonzero(over)[0].tolist())
+            raise ValueError(
+                f"teacher_topk_logprobs at position {where} sum to probability {float(mass[where]):.4f} "
+                f"> 1: pass log-probabilities (log_softmax), not logits, or use tail='renorm'"
+            )
+    return present

@@ -1,0 +1,30 @@
+"""megatron_mopd: multi-teacher on-policy distillation for Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_mopd",
+    version="0.1.0",
+    description=(
+        "Exact vocab-parallel distillation losses (GKD/JSD, top-k, cross-tokenizer) "
+        "and a MOPD trainer for Megatron-Core"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_mopd", "megatron_mopd.*"]),
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.16,<0.17",
+        "transformers>=4.45",
+        "tokenizers>=0.20",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "packaging>=24.2",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # Optional CUDA accelerators: used when importable, never required.
+        "cuda": ["transformer-engine[pytorch]>=2.9", "apex"],
+    },
+)
