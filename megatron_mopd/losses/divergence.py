@@ -78,15 +78,13 @@ def _log_ratios_to_mixture(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s − m, t − m) for m = log((1−β)e^s + βe^t), without cancellation when s ≈ t.
 
-    With d = t − s:  d ≤ 0:  s − m = −log1p(β · expm1(d))
-                     d > 0:  t − m = −log1p((1−β) · expm1(−d))
-    and the other one follows by ± d. Both are exactly 0 when s = t; expm1(−|d|) never overflows.
+    With d = t − s and w = β if d ≤ 0 else 1 − β:  s − m = −(max(d, 0) + log1p(w · expm1(−|d|)))
+    and t − m = (s − m) + d. Both are exactly 0 when s = t; expm1(−|d|) never overflows.
     """
     d = t - s
-    upper = d > 0
-    weight = upper * (1.0 - 2.0 * beta) + beta  # β where d ≤ 0, 1 − β where d > 0
-    log_ratio = d.abs().neg_().expm1_().mul_(weight).log1p_().neg_()
-    s_minus_m = torch.where(upper, log_ratio - d, log_ratio)
+    weight = torch.where(d > 0, 1.0 - beta, beta)
+    log_term = d.abs().neg_().expm1_().mul_(weight).log1p_()  # log((1−β)e^{−d} + β) or log((1−β) + βe^{d})
+    s_minus_m = d.clamp_min(0.0).add_(log_term).neg_()
     return s_minus_m, s_minus_m + d
 
 

@@ -7,11 +7,10 @@ tensor-parallel rank. Per token:
     loss = generalized JSD_β(S, T)                              (losses/divergence.py)
     ∂loss/∂z_s = (g − p_s · Σ_v g_v) / τ                        g = ∂loss/∂s
 
-Forward, in two passes over token chunks:
-  1. each rank's logsumexp of both sides; one all-gather of 2 scalars per token gives the global
-     normalizers;
-  2. per chunk, partial loss and Σ_v g_v on the local shard, one all-reduce of 2 scalars per token,
-     then the gradient of the chunk, written into the single float32 buffer kept for backward.
+Forward, one pass over token chunks; per chunk:
+  1. both sides' log_softmax: one all-gather of 2 scalars per token (each rank's logsumexp);
+  2. partial loss and Σ_v g_v on the local shard, one all-reduce of 2 scalars per token;
+  3. the gradient of the chunk, written into the single float32 buffer kept for backward.
 Backward scales that buffer by the upstream gradient in place. The teacher is a constant: no
 gradient flows into ``teacher_logits``.
 """
@@ -22,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from megatron_mopd.parallel.chunking import chunk_rows, local_logsumexp, row_slices, tempered_fp32
+from megatron_mopd.parallel.chunking import chunk_rows, row_slices, tempered_fp32
 from megatron_mopd.losses.divergence import generalized_jsd_terms, validate_beta, validate_temperature
 from megatron_mopd.parallel.vocab import ProcessGroup, VocabShard
 
@@ -43,19 +42,12 @@ class _VocabParallelGeneralizedJSD(torch.autograd.Function):
         z_t = teacher_logits.reshape(-1, shard.local_size)
         num_tokens, valid = z_s.shape[0], shard.num_valid
 
-        local_lse = torch.stack(
-            [
-                local_logsumexp(z_s, valid, temperature, rows_per_chunk),
-                local_logsumexp(z_t, valid, temperature, rows_per_chunk),
-            ]
-        )
-        lse_s, lse_t = shard.logsumexp(local_lse)
-
         loss = torch.empty(num_tokens, dtype=torch.float32, device=z_s.device)
-        grad = torch.zeros(z_s.shape, dtype=torch.float32, device=z_s.device)  # padded ids stay 0
+        grad = shard.empty_with_zero_padding(z_s, torch.float32)
         for rows in row_slices(num_tokens, rows_per_chunk):
-            s = tempered_fp32(z_s[rows, :valid], temperature).sub_(lse_s[rows, None])
-            t = tempered_fp32(z_t[rows, :valid], temperature).sub_(lse_t[rows, None])
+            s, t = shard.log_softmax(
+                tempered_fp32(z_s[rows, :valid], temperature), tempered_fp32(z_t[rows, :valid], temperature)
+            )
             partial_loss, g = generalized_jsd_terms(s, t, beta)
             del t
             loss_and_g_sum = shard.all_reduce_(torch.stack([partial_loss, g.sum(-1)]))
@@ -117,7 +109,7 @@ def generalized_jsd(
             f"teacher with another vocabulary needs the cross-tokenizer losses"
         )
     shard = VocabShard.of(student_logits.shape[-1], vocab_size, tp_group)
-    rows = chunk_rows(chunk_size, shard.local_size)
+    rows = chunk_rows(chunk_size, shard.local_size, student_logits.device)
     scale = temperature**2 if scale_by_temperature_squared else 1.0
     return _VocabParallelGeneralizedJSD.apply(
         student_logits, teacher_logits.detach(), shard, beta, temperature, rows, scale

@@ -26,7 +26,7 @@ from typing import Literal, Optional
 
 import torch
 
-from megatron_mopd.parallel.chunking import chunk_rows, local_logsumexp, row_slices, tempered_fp32
+from megatron_mopd.parallel.chunking import chunk_rows, local_logsumexp, row_slices, softmax_into
 from megatron_mopd.losses.divergence import (
     ABSENT_LOGPROB,
     generalized_jsd_terms,
@@ -105,19 +105,37 @@ class _VocabParallelTopKJSD(torch.autograd.Function):
             ids_coef, ids, present = ctx.saved_tensors
         local_ids, owned = shard.owned_local_ids(ids, present)
         ids_grad = torch.where(owned, ids_coef * grad_loss, 0.0)
+        if ctx.tail:
+            grad = _tail_gradient(z, lse, dense_coef[:, None] * grad_loss, local_ids, ids_grad, shard, ctx)
+        else:
+            grad = torch.zeros((ids.shape[0], shard.local_size), dtype=ctx.logits_dtype, device=ids.device)
+            grad.scatter_add_(-1, local_ids, ids_grad.to(grad.dtype))
+        return grad.view(ctx.logits_shape), None, None, None, None, None, None, None, None, None
 
-        grad = torch.zeros(ctx.logits_shape, dtype=ctx.logits_dtype, device=ids.device)
-        grad_2d = grad.view(-1, shard.local_size)
-        if not ctx.tail:
-            grad_2d.scatter_add_(-1, local_ids, ids_grad.to(grad.dtype))
-        elif shard.num_valid > 0:
-            # p_v · (g_∞/P_∞ − G)/τ over the valid columns, plus the corrections at the owned ids.
-            valid, local_ids = shard.num_valid, local_ids.clamp(max=shard.num_valid - 1)
-            for rows in row_slices(grad_2d.shape[0], ctx.rows_per_chunk):
-                chunk = tempered_fp32(z[rows, :valid], ctx.temperature).sub_(lse[rows, None]).exp_()
-                chunk.mul_(dense_coef[rows, None] * grad_loss[rows])
-                grad_2d[rows, :valid] = chunk.scatter_add_(-1, local_ids[rows], ids_grad[rows])
-        return grad, None, None, None, None, None, None, None, None, None
+
+def _tail_gradient(
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    dense_coef: torch.Tensor,
+    local_ids: torch.Tensor,
+    ids_grad: torch.Tensor,
+    shard: VocabShard,
+    ctx,
+) -> torch.Tensor:
+    """[N, V_local]: p_v · dense_coef ([N, 1]) over the valid columns, plus ``ids_grad`` at owned ids."""
+    grad = shard.empty_with_zero_padding(z, ctx.logits_dtype)
+    valid = shard.num_valid
+    if valid == 0:
+        return grad
+    local_ids = local_ids.clamp(max=valid - 1)  # ids this rank does not own carry a 0 gradient
+    in_place = grad.dtype == torch.float32
+    for rows in row_slices(grad.shape[0], ctx.rows_per_chunk):
+        out = grad[rows, :valid] if in_place else torch.empty(z[rows, :valid].shape, device=z.device)
+        softmax_into(out, z[rows, :valid], lse[rows], ctx.temperature)
+        out.mul_(dense_coef[rows]).scatter_add_(-1, local_ids[rows], ids_grad[rows])
+        if not in_place:
+            grad[rows, :valid] = out
+    return grad
 
 
 def _renormalized(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -163,7 +181,7 @@ def topk_generalized_jsd(
     present = _validated_presence(
         student_logits, teacher_topk_logprobs, teacher_topk_ids, shard.vocab_size, tail == "tail"
     )
-    rows = chunk_rows(chunk_size, shard.local_size)
+    rows = chunk_rows(chunk_size, shard.local_size, student_logits.device)
     scale = temperature**2 if scale_by_temperature_squared else 1.0
     return _VocabParallelTopKJSD.apply(
         student_logits,

@@ -1,8 +1,10 @@
-"""Token chunking and fp32 views of logit shards, shared by the vocab-parallel losses.
+"""Token chunking and float32 views of logit shards, shared by the vocab-parallel losses.
 
-The losses walk the tokens in chunks of rows so that fp32 temporaries are bounded by the chunk,
+The losses walk the tokens in chunks of rows so that float32 temporaries are bounded by the chunk,
 not by the whole ``[tokens, V_local]`` shard. ``chunk_size=None`` picks a chunk of about
-``AUTO_CHUNK_ELEMENTS`` logits; an explicit ``chunk_size`` (tokens per chunk) bounds it further.
+``AUTO_CHUNK_ELEMENTS`` logits for the device (small on CPU, where a chunk that stays in cache is
+fastest; large on accelerators, where kernel launches dominate small chunks); an explicit
+``chunk_size`` (tokens per chunk) bounds it further.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from typing import Iterator, Optional
 
 import torch
 
-AUTO_CHUNK_ELEMENTS = 1 << 23  # 32 MiB per fp32 temporary
+AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 21, "accelerator": 1 << 25}  # 8 MiB / 128 MiB per float32 temporary
 
 
-def chunk_rows(chunk_size: Optional[int], local_vocab_size: int) -> int:
+def chunk_rows(chunk_size: Optional[int], local_vocab_size: int, device: torch.device) -> int:
     """Tokens per chunk for ``chunk_size`` (None: automatic). Raises ValueError if ``chunk_size`` < 1."""
     if chunk_size is None:
-        return max(1, AUTO_CHUNK_ELEMENTS // max(local_vocab_size, 1))
+        budget = AUTO_CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "accelerator"]
+        return max(1, budget // max(local_vocab_size, 1))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size}")
     return chunk_size
@@ -29,9 +32,21 @@ def row_slices(num_rows: int, rows_per_chunk: int) -> Iterator[slice]:
 
 
 def tempered_fp32(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A new float32 tensor ``logits / temperature`` (never a view of ``logits``, safe to modify)."""
-    out = logits.to(torch.float32, copy=True)
-    return out.div_(temperature) if temperature != 1.0 else out
+    """float32 ``logits / temperature``; read-only: it is ``logits`` itself when nothing changes."""
+    if temperature == 1.0:
+        return logits.float()
+    return torch.div(logits.float(), temperature) if logits.dtype == torch.float32 else logits.float().div_(temperature)
+
+
+def softmax_into(
+    out: torch.Tensor, logits: torch.Tensor, logsumexp: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Write float32 ``exp(logits / τ − logsumexp[:, None])`` into ``out`` (float32, logits' shape)."""
+    if temperature == 1.0:
+        torch.sub(logits, logsumexp[:, None], out=out)
+    else:
+        torch.mul(logits, 1.0 / temperature, out=out).sub_(logsumexp[:, None])
+    return out.exp_()
 
 
 def local_logsumexp(

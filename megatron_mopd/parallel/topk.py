@@ -50,7 +50,7 @@ def vocab_parallel_topk(
     top_values, position = candidate_values.topk(k, dim=-1)
     top_ids = candidate_ids.gather(-1, position)
     if log_probs:
-        rows = chunk_rows(None, shard.local_size)
+        rows = chunk_rows(None, shard.local_size, logits.device)
         top_values -= shard.logsumexp(local_logsumexp(flat, shard.num_valid, 1.0, rows))[:, None]
     lead = logits.shape[:-1]
     return top_values.view(*lead, k), top_ids.view(*lead, k)

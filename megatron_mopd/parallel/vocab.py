@@ -85,6 +85,12 @@ class VocabShard:
     def parallel(self) -> bool:
         return self.world_size > 1
 
+    def empty_with_zero_padding(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialized tensor of ``like``'s shape whose padded columns (>= num_valid) are 0."""
+        out = torch.empty(like.shape, dtype=dtype, device=like.device)
+        out[..., self.num_valid :] = 0
+        return out
+
     def all_reduce_(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
         """In-place all-reduce over the group (a no-op without tensor parallelism)."""
         if self.parallel:
@@ -105,6 +111,16 @@ class VocabShard:
         One all-gather of the per-token scalars; a rank with no valid column contributes -inf.
         """
         return torch.logsumexp(self.all_gather(local_lse), dim=0)
+
+    def log_softmax(self, *logits: torch.Tensor) -> list[torch.Tensor]:
+        """Global log_softmax over the vocabulary of each float32 ``[N, num_valid]`` local slice.
+
+        One all-gather of per-token scalars serves all the tensors given (e.g. student and teacher).
+        """
+        if not self.parallel:
+            return [torch.log_softmax(x, dim=-1) for x in logits]
+        global_lse = self.logsumexp(torch.stack([torch.logsumexp(x, dim=-1) for x in logits]))
+        return [x - lse[:, None] for x, lse in zip(logits, global_lse)]
 
     def gather_columns(self, local: torch.Tensor, ids: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Values at global ids ``ids`` [N, K] of a sharded ``local`` [N, V_local], replicated on all ranks.

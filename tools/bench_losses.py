@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""Benchmark: our vocab-parallel losses against Megatron-Core's cross-entropy on the same logits.
+
+For one local logits shard ``[tokens, V_local]`` (TP is emulated by the local shard size), time
+forward+backward and measure peak memory of:
+
+  megatron_ce       megatron.core.tensor_parallel.vocab_parallel_cross_entropy  (the baseline)
+  topk_tail         topk_generalized_jsd(tail="tail"),   K teacher entries
+  topk_renorm       topk_generalized_jsd(tail="renorm"), K teacher entries
+  full_jsd          generalized_jsd (colocated teacher, same vocabulary)
+  *_chunkN          the same with chunk_size=N tokens
+  naive_dense_jsd   TRL-style generalized JSD written with plain PyTorch ops and autograd
+
+All variants run side by side in one process, interleaved round-robin; the table gives the median
+time and its ratio to megatron_ce. Memory is measured in a separate pass with PyTorch's MemTracker:
+``peak`` counts everything allocated during forward+backward beyond the inputs (so it includes the
+logits' gradient, which every variant must produce); ``workspace`` is peak minus that gradient. Both
+are also given as a multiple of the local logits in float32 (``x fp32``).
+
+    python tools/bench_losses.py                       # 4096 tokens x 32k local vocab, K=64, fp32
+    python tools/bench_losses.py --device cuda --dtype bf16 --tokens 8192 --local-vocab 19008
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from megatron_mopd.losses import generalized_jsd, topk_generalized_jsd
+
+Variant = Callable[[torch.Tensor], torch.Tensor]  # logits (leaf) -> scalar loss
+
+
+def naive_dense_jsd(student: torch.Tensor, teacher: torch.Tensor, beta: float) -> torch.Tensor:
+    """Plain PyTorch generalized JSD (TRL's formulation), autograd for the gradient."""
+    s = torch.log_softmax(student.float(), dim=-1)
+    t = torch.log_softmax(teacher.float(), dim=-1)
+    m = torch.logsumexp(torch.stack([s + math.log(1 - beta), t + math.log(beta)]), dim=0)
+    kl_t = torch.nn.functional.kl_div(m, t, reduction="none", log_target=True).sum(-1)
+    kl_s = torch.nn.functional.kl_div(m, s, reduction="none", log_target=True).sum(-1)
+    return beta * kl_t + (1 - beta) * kl_s
+
+
+def build_variants(args: argparse.Namespace, teacher: torch.Tensor, device: torch.device) -> dict[str, Variant]:
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    target = torch.randint(0, args.local_vocab, (args.tokens,), generator=gen).to(device)
+    teacher_logp, teacher_ids = torch.log_softmax(teacher.float(), -1).topk(args.k, dim=-1)
+    beta = args.beta
+
+    def megatron_ce(logits: torch.Tensor) -> torch.Tensor:
+        # Megatron overwrites its input in place (logits - max, then exp): give it its own copy,
+        # as the model's output layer does. The copy is part of its cost.
+        return vocab_parallel_cross_entropy(logits.clone(), target).sum()
+
+    def topk(tail: str, chunk: int | None) -> Variant:
+        return lambda z: topk_generalized_jsd(
+            z, teacher_logp, teacher_ids, beta=beta, tail=tail, chunk_size=chunk
+        ).sum()
+
+    def full(chunk: int | None) -> Variant:
+        return lambda z: generalized_jsd(z, teacher, beta=beta, chunk_size=chunk).sum()
+
+    variants: dict[str, Variant] = {
+        "megatron_ce": megatron_ce,
+        "topk_tail": topk("tail", None),
+        "topk_renorm": topk("renorm", None),
+        "full_jsd": full(None),
+        f"topk_tail_chunk{args.chunk}": topk("tail", args.chunk),
+        f"full_jsd_chunk{args.chunk}": full(args.chunk),
+    }
+    if not args.skip_naive:
+        variants["naive_dense_jsd"] = lambda z: naive_dense_jsd(z, teacher, beta).sum()
+    return variants
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_variants(
+    variants: dict[str, Variant], student: torch.Tensor, repeats: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Forward+backward wall time of each variant, interleaved round-robin (one warm-up round)."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_index in range(repeats + 1):
+        for name, loss_fn in variants.items():
+            leaf = student.detach().requires_grad_(True)
+            synchronize(device)
+            start = time.perf_counter()
+            loss_fn(leaf).backward()
+            synchronize(device)
+            if round_index > 0:
+                times[name].append(time.perf_counter() - start)
+            del leaf
+    return times
+
+
+def peak_memory(loss_fn: Variant, student: torch.Tensor, device: torch.device) -> int:
+    """Peak bytes allocated during forward+backward beyond the inputs."""
+    leaf = student.detach().requires_grad_(True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss_fn(leaf).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    with tracker:
+        loss_fn(leaf).backward()
+    return int(tracker.get_tracker_snapshot("peak")[device]["Total"])
+
+
+def init_megatron_tp1(device: torch.device) -> None:
+    """Megatron's cross-entropy reads the TP group from parallel_state: initialize TP=1."""
+    from megatron.core import parallel_state
+
+    from megatron_mopd.testing.multiprocess import free_loopback_port
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{free_loopback_port()}", rank=0, world_size=1
+    )
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--local-vocab", type=int, default=32768, help="V_local = padded vocab / TP")
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--chunk", type=int, default=512, help="chunk_size of the *_chunk variants")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-naive", action="store_true", help="skip the naive dense JSD")
+    parser.add_argument("--out", type=Path, default=Path("bench_results/bench_losses.json"))
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    init_megatron_tp1(device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    student = (torch.randn(args.tokens, args.local_vocab, generator=gen) * 2).to(device, dtype)
+    teacher = (torch.randn(args.tokens, args.local_vocab, generator=gen) * 2).to(device, dtype)
+    variants = build_variants(args, teacher, device)
+
+    times = time_variants(variants, student, args.repeats, device)
+    fp32_logits = args.tokens * args.local_vocab * 4
+    grad_bytes = student.numel() * student.element_size()
+    baseline = statistics.median(times["megatron_ce"])
+    rows = []
+    for name, loss_fn in variants.items():
+        peak = peak_memory(loss_fn, student, device)
+        median = statistics.median(times[name])
+        rows.append(
+            dict(
+                variant=name,
+                time_ms=median * 1e3,
+                time_vs_ce=median / baseline,
+                peak_mib=peak / 2**20,
+                peak_x_fp32_logits=peak / fp32_logits,
+                workspace_x_fp32_logits=(peak - grad_bytes) / fp32_logits,
+            )
+        )
+
+    header = f"{'variant':<22}{'time ms':>10}{'x CE':>8}{'peak MiB':>11}{'peak x fp32':>13}{'workspace x fp32':>18}"
+    print(
+        f"\nbench_losses: {args.tokens} tokens x {args.local_vocab} local vocab, K={args.k}, beta={args.beta}, "
+        f"{args.dtype} on {device.type} ({_machine(device)}), median of {args.repeats}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['variant']:<22}{r['time_ms']:>10.1f}{r['time_vs_ce']:>8.2f}{r['peak_mib']:>11.1f}"
+            f"{r['peak_x_fp32_logits']:>13.2f}{r['workspace_x_fp32_logits']:>18.2f}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    args.out.write_text(json.dumps(dict(config=config, machine=_machine(device), rows=rows), indent=2))
+    print(f"\nwrote {args.out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    main()
