@@ -21,6 +21,7 @@ setup(
         "numpy>=1.24",
         "safetensors>=0.4",
         "packaging>=24.2",
+        "tqdm>=4.60",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],

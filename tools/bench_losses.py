@@ -12,7 +12,7 @@ forward+backward and measure peak memory of:
   naive_dense_jsd   TRL-style generalized JSD written with plain PyTorch ops and autograd
 
 All variants run side by side in one process, interleaved round-robin; the table gives the median
-time and its ratio to megatron_ce. Memory is measured in a separate pass with PyTorch's MemTracker:
+time and its ratio to megatron_ce. Memory is measured in a separate pass (``peak_memory``):
 ``peak`` counts everything allocated during forward+backward beyond the inputs (so it includes the
 logits' gradient, which every variant must produce); ``workspace`` is peak minus that gradient. Both
 are also given as a multiple of the local logits in float32 (``x fp32``).
@@ -24,17 +24,22 @@ are also given as a multiple of the local logits in float32 (``x fp32``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
 import platform
+import re
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from megatron_mopd.losses import generalized_jsd, topk_generalized_jsd
 
@@ -108,22 +113,46 @@ def time_variants(
     return times
 
 
-def peak_memory(loss_fn: Variant, student: torch.Tensor, device: torch.device) -> int:
-    """Peak bytes allocated during forward+backward beyond the inputs."""
-    leaf = student.detach().requires_grad_(True)
+def peak_memory(name: str, loss_fn: Variant, student: torch.Tensor, device: torch.device) -> int:
+    """Peak bytes allocated during one forward+backward beyond the inputs.
+
+    CUDA: the caching allocator's peak statistics. CPU: the process's peak resident memory (VmHWM,
+    reset through /proc/self/clear_refs) in a fresh child process whose glibc returns every large
+    free to the system at once (fixed mmap threshold), so the figure is what the run really held.
+    """
     if device.type == "cuda":
+        leaf = student.detach().requires_grad_(True)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         loss_fn(leaf).backward()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    from torch.distributed._tools.mem_tracker import MemTracker
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    child = subprocess.run(
+        [sys.executable, __file__, *sys.argv[1:], "--measure-memory-of", name],
+        env=env, capture_output=True, text=True, check=False,
+    )
+    if child.returncode != 0:
+        raise RuntimeError(f"memory measurement of {name} failed:\n{child.stderr[-4000:]}")
+    return int(child.stdout.strip().splitlines()[-1])
 
-    tracker = MemTracker()
-    with tracker:
-        loss_fn(leaf).backward()
-    return int(tracker.get_tracker_snapshot("peak")[device]["Total"])
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M).group(1))
+
+
+def measure_own_peak(loss_fn: Variant, student: torch.Tensor) -> int:
+    """In the child: warm up once, reset the peak, run once; peak resident bytes beyond the start."""
+    loss_fn(student.detach().requires_grad_(True)).backward()
+    gc.collect()
+    leaf = student.detach().requires_grad_(True)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset VmHWM to the current resident size
+    base = _proc_status_kib("VmRSS")
+    loss_fn(leaf).backward()
+    return (_proc_status_kib("VmHWM") - base) * 1024
 
 
 def init_megatron_tp1(device: torch.device) -> None:
@@ -151,6 +180,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-naive", action="store_true", help="skip the naive dense JSD")
     parser.add_argument("--out", type=Path, default=Path("bench_results/bench_losses.json"))
+    parser.add_argument("--measure-memory-of", help=argparse.SUPPRESS)  # internal: child process mode
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -160,14 +190,17 @@ def main() -> None:
     student = (torch.randn(args.tokens, args.local_vocab, generator=gen) * 2).to(device, dtype)
     teacher = (torch.randn(args.tokens, args.local_vocab, generator=gen) * 2).to(device, dtype)
     variants = build_variants(args, teacher, device)
+    if args.measure_memory_of:
+        print(measure_own_peak(variants[args.measure_memory_of], student))
+        return
 
     times = time_variants(variants, student, args.repeats, device)
     fp32_logits = args.tokens * args.local_vocab * 4
     grad_bytes = student.numel() * student.element_size()
     baseline = statistics.median(times["megatron_ce"])
     rows = []
-    for name, loss_fn in variants.items():
-        peak = peak_memory(loss_fn, student, device)
+    for name, loss_fn in tqdm(variants.items(), desc="peak memory", disable=None):
+        peak = peak_memory(name, loss_fn, student, device)
         median = statistics.median(times[name])
         rows.append(
             dict(
