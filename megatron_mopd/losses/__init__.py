@@ -7,11 +7,14 @@ tensor-parallel group when model parallelism is initialized, else no tensor para
 
 from megatron_mopd.losses.divergence import generalized_jsd_terms
 from megatron_mopd.losses.jsd import generalized_jsd
+from megatron_mopd.losses.modules import GeneralizedJSDLoss, TopKGeneralizedJSDLoss
 from megatron_mopd.losses.reduction import IGNORE_INDEX, masked_sum_and_count
 from megatron_mopd.losses.topk import TAIL_MODES, topk_generalized_jsd
 from megatron_mopd.parallel.topk import vocab_parallel_topk
 
 __all__ = [
+    "GeneralizedJSDLoss",
+    "TopKGeneralizedJSDLoss",
     "IGNORE_INDEX",
     "TAIL_MODES",
     "generalized_jsd",
