@@ -52,8 +52,25 @@ def softmax_into(
 def local_logsumexp(
     logits_2d: torch.Tensor, num_valid: int, temperature: float, rows_per_chunk: int
 ) -> torch.Tensor:
-    """float32 [N]: logsumexp of ``logits_2d[:, :num_valid] / temperature`` per row, chunk by chunk."""
-    out = torch.empty(logits_2d.shape[0], dtype=torch.float32, device=logits_2d.device)
-    for rows in row_slices(logits_2d.shape[0], rows_per_chunk):
-        out[rows] = torch.logsumexp(tempered_fp32(logits_2d[rows, :num_valid], temperature), dim=-1)
+    """float32 [N]: logsumexp of ``logits_2d[:, :num_valid] / temperature`` per row, chunk by chunk.
+
+    One float32 workspace of one chunk is reused for every chunk (no allocation per chunk); a row
+    with no valid column gives -inf.
+    """
+    num_rows = logits_2d.shape[0]
+    out = torch.full((num_rows,), -torch.inf, dtype=torch.float32, device=logits_2d.device)
+    if num_valid == 0 or num_rows == 0:
+        return out
+    workspace = torch.empty(
+        (min(rows_per_chunk, num_rows), num_valid), dtype=torch.float32, device=logits_2d.device
+    )
+    for rows in row_slices(num_rows, rows_per_chunk):
+        work = workspace[: rows.stop - rows.start]
+        chunk = logits_2d[rows, :num_valid]
+        if temperature == 1.0:
+            work.copy_(chunk)
+        else:
+            torch.mul(chunk, 1.0 / temperature, out=work)
+        row_max = work.amax(dim=-1, keepdim=True)
+        out[rows] = work.sub_(row_max).exp_().sum(dim=-1).log_().add_(row_max.squeeze(-1))
     return out
