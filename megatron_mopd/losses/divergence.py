@@ -67,25 +67,26 @@ def generalized_jsd_terms(
         log_ratio = s - t
         loss = _rowdot(p_s, log_ratio)
         return loss, log_ratio.add_(1.0).mul_(p_s)
-    s_minus_m, t_minus_m = _log_ratios_to_mixture(s, t, beta)
-    student_term = s_minus_m.mul_(p_s)
-    loss = (1.0 - beta) * student_term.sum(-1) + beta * _rowdot(t.exp(), t_minus_m)
-    return loss, student_term.mul_(1.0 - beta)
+    m_minus_s, t_minus_m = _log_ratios_to_mixture(s, t, beta)
+    student_term = m_minus_s.mul_(p_s)  # p_s (m − s)
+    loss = _rowdot(t.exp(), t_minus_m).mul_(beta).sub_(student_term.sum(-1), alpha=1.0 - beta)
+    return loss, student_term.mul_(beta - 1.0)
 
 
 def _log_ratios_to_mixture(
     s: torch.Tensor, t: torch.Tensor, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s − m, t − m) for m = log((1−β)e^s + βe^t), without cancellation when s ≈ t.
+    """(m − s, t − m) for m = log((1−β)e^s + βe^t), without cancellation when s ≈ t.
 
-    With d = t − s and w = β if d ≤ 0 else 1 − β:  s − m = −(max(d, 0) + log1p(w · expm1(−|d|)))
-    and t − m = (s − m) + d. Both are exactly 0 when s = t; expm1(−|d|) never overflows.
+    With d = t − s and w = β if d < 0 else 1 − β:  m − s = max(d, 0) + log1p(w · expm1(−|d|))
+    and t − m = d − (m − s). Both are exactly 0 when s = t; expm1(−|d|) never overflows.
+    w · expm1(−|d|) = (½ + (½ − β)·sign(d)) · expm1(−|d|): at d = 0 the weight does not matter.
     """
     d = t - s
-    weight = torch.where(d > 0, 1.0 - beta, beta)
-    log_term = d.abs().neg_().expm1_().mul_(weight).log1p_()  # log((1−β)e^{−d} + β) or log((1−β) + βe^{d})
-    s_minus_m = d.clamp_min(0.0).add_(log_term).neg_()
-    return s_minus_m, s_minus_m + d
+    weighted = d.abs().neg_().expm1_()
+    weighted.mul_(0.5).addcmul_(weighted, torch.sign(d), value=1.0 - 2.0 * beta)
+    m_minus_s = d.clamp_min(0.0).add_(weighted.log1p_())
+    return m_minus_s, d.sub_(m_minus_s)
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -52,9 +52,11 @@ class _VocabParallelGeneralizedJSD(torch.autograd.Function):
             del t
             loss_and_g_sum = shard.all_reduce_(torch.stack([partial_loss, g.sum(-1)]))
             loss[rows] = loss_and_g_sum[0]
-            # ∂loss/∂z_s = (g − p_s Σg) / τ, built in place in s's storage.
-            p_s_times_g_sum = s.exp_().mul_(loss_and_g_sum[1, :, None])
-            grad[rows, :valid] = g.sub_(p_s_times_g_sum).mul_(loss_scale / temperature)
+            # ∂loss/∂z_s = (g − p_s Σg) / τ, written straight into the gradient buffer.
+            coef = loss_scale / temperature
+            torch.mul(g, coef, out=grad[rows, :valid]).addcmul_(
+                s.exp_(), loss_and_g_sum[1, :, None], value=-coef
+            )
 
         ctx.save_for_backward(grad)
         ctx.logits_shape, ctx.logits_dtype = student_logits.shape, student_logits.dtype

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import torch
 
-AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 21, "accelerator": 1 << 25}  # 8 MiB / 128 MiB per float32 temporary
+AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 19, "accelerator": 1 << 25}  # 2 MiB (L2-sized) / 128 MiB per float32 temporary
 
 
 def chunk_rows(chunk_size: Optional[int], local_vocab_size: int, device: torch.device) -> int:
