@@ -226,3 +226,34 @@ def test_bfloat16_logits_use_float32_math(loss_kind: str) -> None:
     assert loss16.dtype == torch.float32 and grad16.dtype == torch.bfloat16
     torch.testing.assert_close(loss16, loss32, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad16.float(), grad32, rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("loss_kind", ["full", "tail", "renorm"])
+def test_non_contiguous_batch_first_views_give_the_same_result(loss_kind: str) -> None:
+    """A [b, s, v] transpose of Megatron's [s, b, v] logits is accepted as is."""
+    batch = make_batch()
+    logprobs, ids = batch.topk[8]
+
+    def run(student: torch.Tensor, teacher: torch.Tensor, lp: torch.Tensor, ix: torch.Tensor):
+        student = student.detach().requires_grad_(True)
+        if loss_kind == "full":
+            loss = generalized_jsd(student, teacher, vocab_size=VOCAB_SIZE)
+        else:
+            loss = topk_generalized_jsd(student, lp, ix, tail=loss_kind, vocab_size=VOCAB_SIZE)
+        loss.sum().backward()
+        return loss, student.grad
+
+    seq_first = run(batch.student, batch.teacher, logprobs, ids)
+    batch_first = run(*(x.transpose(0, 1) for x in (batch.student, batch.teacher, logprobs, ids)))
+    torch.testing.assert_close(batch_first[0], seq_first[0].transpose(0, 1))
+    torch.testing.assert_close(batch_first[1], seq_first[1].transpose(0, 1))
+
+
+def test_full_vocab_jsd_backward_runs_once() -> None:
+    """Its gradient buffer is scaled in place: a second backward through the graph is refused."""
+    batch = make_batch()
+    student = batch.student.clone().requires_grad_(True)
+    loss = generalized_jsd(student, batch.teacher, vocab_size=VOCAB_SIZE).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs only once"):
+        loss.backward()
