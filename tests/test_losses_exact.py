@@ -5,7 +5,7 @@ both tail modes, the per-position loss and the gradient of the masked token-mean
 student logits match the dense float64 reference of ``dense_reference.py`` within 1e-5 relative error
 (norm-wise). The batch has positions masked with label -100, a padded vocabulary (190 real ids in 256,
 so at TP = 4 the last rank holds no real id), teacher rows with absent (-inf) entries and a masked row
-with no teacher entry at all. Half of the cases use a 4-token chunk so the chunked path is covered.
+with no teacher entry at all. Half of the cases use a 4-token chunk so the chunked path is covered. Three full-vocabulary cases use the torch.compile-fused core.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class Case:
     k: int = 0
     tail: str = ""
     chunk_size: Optional[int] = None
+    fused: bool = False
 
 
 def all_cases() -> list[Case]:
@@ -48,7 +49,8 @@ def all_cases() -> list[Case]:
         Case("topk", b, t, k, tail)
         for b, t, k, tail in itertools.product(BETAS, TEMPERATURES, TOPK_SIZES, TAIL_MODES)
     ]
-    cases = full + topk
+    fused = [Case("full", b, 2.0, fused=True) for b in (0.0, 0.5, 1.0)]
+    cases = full + topk + fused
     return [Case(**{**c.__dict__, "chunk_size": 4 if i % 2 else None}) for i, c in enumerate(cases)]
 
 
@@ -81,7 +83,9 @@ def make_batch(seq: int = 6, batch: int = 2, seed: int = 0) -> Batch:
 def per_token_loss(batch: Batch, student_shard: torch.Tensor, teacher_shard: torch.Tensor, case: Case, group):
     common = dict(beta=case.beta, temperature=case.temperature, vocab_size=VOCAB_SIZE, tp_group=group)
     if case.loss == "full":
-        return generalized_jsd(student_shard, teacher_shard, chunk_size=case.chunk_size, **common)
+        return generalized_jsd(
+            student_shard, teacher_shard, chunk_size=case.chunk_size, fused=case.fused, **common
+        )
     logprobs, ids = batch.topk[case.k]
     return topk_generalized_jsd(
         student_shard, logprobs, ids, tail=case.tail, chunk_size=case.chunk_size, **common

@@ -8,6 +8,7 @@ forward+backward and measure peak memory of:
   topk_tail         topk_generalized_jsd(tail="tail"),   K teacher entries
   topk_renorm       topk_generalized_jsd(tail="renorm"), K teacher entries
   full_jsd          generalized_jsd (colocated teacher, same vocabulary)
+  full_jsd_fused    the same with fused=True (torch.compile'd divergence core; compiled in warm-up)
   *_chunkN          the same with chunk_size=N tokens
   naive_dense_jsd   TRL-style generalized JSD written with plain PyTorch ops and autograd
 
@@ -74,14 +75,15 @@ def build_variants(args: argparse.Namespace, teacher: torch.Tensor, device: torc
             z, teacher_logp, teacher_ids, beta=beta, tail=tail, chunk_size=chunk
         ).sum()
 
-    def full(chunk: int | None) -> Variant:
-        return lambda z: generalized_jsd(z, teacher, beta=beta, chunk_size=chunk).sum()
+    def full(chunk: int | None, fused: bool = False) -> Variant:
+        return lambda z: generalized_jsd(z, teacher, beta=beta, chunk_size=chunk, fused=fused).sum()
 
     variants: dict[str, Variant] = {
         "megatron_ce": megatron_ce,
         "topk_tail": topk("tail", None),
         "topk_renorm": topk("renorm", None),
         "full_jsd": full(None),
+        "full_jsd_fused": full(None, fused=True),
         f"topk_tail_chunk{args.chunk}": topk("tail", args.chunk),
         f"full_jsd_chunk{args.chunk}": full(args.chunk),
     }
@@ -155,16 +157,21 @@ def measure_own_peak(loss_fn: Variant, student: torch.Tensor) -> int:
     return (_proc_status_kib("VmHWM") - base) * 1024
 
 
-def init_megatron_tp1(device: torch.device) -> None:
-    """Megatron's cross-entropy reads the TP group from parallel_state: initialize TP=1."""
+def init_megatron_tp1(device: torch.device, cpu_mode: bool) -> None:
+    """Megatron's cross-entropy reads the TP group from parallel_state: initialize TP=1.
+
+    ``cpu_mode`` (the timing process on CPU) also enables megatron_mopd's CPU mode, whose allocator
+    setting applies to every variant alike; the memory-measuring child leaves glibc returning each
+    large free at once, so its high-water mark is what the variant really held.
+    """
     from megatron.core import parallel_state
 
-    from megatron_mopd.testing.multiprocess import free_loopback_port
+    from megatron_mopd.parallel import enable_cpu_mode
 
+    if cpu_mode:
+        enable_cpu_mode()
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{free_loopback_port()}", rank=0, world_size=1
-    )
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
 
 
@@ -184,7 +191,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    init_megatron_tp1(device)
+    init_megatron_tp1(device, cpu_mode=device.type == "cpu" and not args.measure_memory_of)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     gen = torch.Generator(device="cpu").manual_seed(0)
     student = (torch.randn(args.tokens, args.local_vocab, generator=gen) * 2).to(device, dtype)

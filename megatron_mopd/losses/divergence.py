@@ -26,7 +26,9 @@ negative log-probability on both sides (``ABSENT_LOGPROB``), which contributes e
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import torch
 
@@ -87,6 +89,16 @@ def _log_ratios_to_mixture(
     weighted.mul_(0.5).addcmul_(weighted, torch.sign(d), value=1.0 - 2.0 * beta)
     m_minus_s = d.clamp_min(0.0).add_(weighted.log1p_())
     return m_minus_s, d.sub_(m_minus_s)
+
+
+@functools.cache
+def fused_generalized_jsd_terms() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``generalized_jsd_terms`` compiled by ``torch.compile`` into fused kernels (built on first use).
+
+    Same math, one pass over the support instead of ~17 elementwise ones. Compiling takes a few
+    seconds per β branch and needs Inductor's back end: a C++ compiler on CPU, Triton on CUDA.
+    """
+    return torch.compile(generalized_jsd_terms, dynamic=True)
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,12 @@ from typing import Optional
 import torch
 
 from megatron_mopd.parallel.chunking import chunk_rows, row_slices, tempered_fp32
-from megatron_mopd.losses.divergence import generalized_jsd_terms, validate_beta, validate_temperature
+from megatron_mopd.losses.divergence import (
+    fused_generalized_jsd_terms,
+    generalized_jsd_terms,
+    validate_beta,
+    validate_temperature,
+)
 from megatron_mopd.parallel.vocab import ProcessGroup, VocabShard
 
 
@@ -37,7 +42,9 @@ class _VocabParallelGeneralizedJSD(torch.autograd.Function):
         temperature: float,
         rows_per_chunk: int,
         loss_scale: float,
+        fused: bool,
     ) -> torch.Tensor:
+        divergence_terms = fused_generalized_jsd_terms() if fused else generalized_jsd_terms
         z_s = student_logits.reshape(-1, shard.local_size)
         z_t = teacher_logits.reshape(-1, shard.local_size)
         num_tokens, valid = z_s.shape[0], shard.num_valid
@@ -48,7 +55,7 @@ class _VocabParallelGeneralizedJSD(torch.autograd.Function):
             s, t = shard.log_softmax(
                 tempered_fp32(z_s[rows, :valid], temperature), tempered_fp32(z_t[rows, :valid], temperature)
             )
-            partial_loss, g = generalized_jsd_terms(s, t, beta)
+            partial_loss, g = divergence_terms(s, t, beta)
             del t
             loss_and_g_sum = shard.all_reduce_(torch.stack([partial_loss, g.sum(-1)]))
             loss[rows] = loss_and_g_sum[0]
@@ -71,7 +78,7 @@ class _VocabParallelGeneralizedJSD(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         grad.mul_(grad_loss.reshape(-1, 1))
         grad_logits = grad.view(ctx.logits_shape).to(ctx.logits_dtype)
-        return grad_logits, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None
 
 
 def generalized_jsd(
@@ -84,6 +91,7 @@ def generalized_jsd(
     tp_group: Optional[ProcessGroup] = None,
     chunk_size: Optional[int] = None,
     scale_by_temperature_squared: bool = False,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Per-token generalized JSD between vocab-sharded student and teacher logits.
 
@@ -98,6 +106,8 @@ def generalized_jsd(
         tp_group: tensor-parallel group; None → Megatron's when initialized, else no TP.
         chunk_size: tokens per chunk for the float32 temporaries (None: automatic).
         scale_by_temperature_squared: multiply the loss (and gradient) by τ².
+        fused: compute each chunk's divergence with ``torch.compile``-fused kernels (about 4x faster
+            on CPU; compiles on first use, needs a C++ compiler on CPU or Triton on CUDA).
     Returns:
         float32 ``[...]``: the loss of each position (identical on every TP rank). Reduce it with
         ``masked_sum_and_count``. Backward keeps one float32 buffer of the local logits' size.
@@ -114,5 +124,5 @@ def generalized_jsd(
     rows = chunk_rows(chunk_size, shard.local_size, student_logits.device)
     scale = temperature**2 if scale_by_temperature_squared else 1.0
     return _VocabParallelGeneralizedJSD.apply(
-        student_logits, teacher_logits.detach(), shard, beta, temperature, rows, scale
+        student_logits, teacher_logits.detach(), shard, beta, temperature, rows, scale, fused
     )

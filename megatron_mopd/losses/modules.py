@@ -48,6 +48,10 @@ class _DivergenceLoss(nn.Module):
 class GeneralizedJSDLoss(_DivergenceLoss):
     """``generalized_jsd`` (colocated teacher, same vocabulary) reduced to ``(sum, count)``."""
 
+    def __init__(self, *, fused: bool = False, **options) -> None:
+        super().__init__(**options)
+        self.options["fused"] = fused
+
     def forward(
         self,
         student_logits: torch.Tensor,

@@ -26,13 +26,13 @@ from typing import Literal, Optional
 
 import torch
 
-from megatron_mopd.parallel.chunking import chunk_rows, local_logsumexp, row_slices, softmax_into
 from megatron_mopd.losses.divergence import (
     ABSENT_LOGPROB,
     generalized_jsd_terms,
     validate_beta,
     validate_temperature,
 )
+from megatron_mopd.parallel.chunking import chunk_rows, local_logsumexp, row_slices, softmax_into
 from megatron_mopd.parallel.vocab import ProcessGroup, VocabShard
 
 TailMode = Literal["tail", "renorm"]

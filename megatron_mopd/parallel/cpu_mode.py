@@ -9,6 +9,9 @@ exactly those, for the rest of the process:
   trains the model);
 - ``torch.cuda.current_device`` answers 0 (which the mode then maps to the CPU);
 - ``torch.cuda.synchronize`` does nothing (CPU work is synchronous);
+- glibc keeps freed blocks up to 32 MiB for reuse instead of returning them to the kernel, the CPU
+  counterpart of CUDA's caching allocator (chunk-sized temporaries are otherwise page-faulted in
+  again on every allocation);
 - the "CUDA" random-number generator is the CPU default generator: ``torch.cuda.get_rng_state``,
   ``set_rng_state`` and ``manual_seed`` and Megatron's ``_get_cuda_rng_state`` /
   ``_set_cuda_rng_state`` read, write and seed it. Megatron's RNG tracker therefore keeps one CPU
@@ -34,6 +37,8 @@ available, and nothing here is active unless it was called.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 from typing import Any, Callable, Optional, Sequence
 
@@ -46,6 +51,8 @@ _CPU = torch.device("cpu")
 _FORK_RNG_WARNING = "CPU RNG state changed within GPU RNG context"
 
 _mode: Optional["_CudaToCpuMode"] = None
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -107,6 +114,22 @@ def _available_accelerator() -> Optional[str]:
     return None
 
 
+def _keep_freed_memory_for_reuse() -> None:
+    """Make glibc keep freed blocks up to 32 MiB for reuse, as CUDA's caching allocator does.
+
+    PyTorch's CPU allocator is plain malloc; by default glibc gives chunk-sized temporaries (the
+    losses' per-chunk work) back to the kernel on free and page-faults them in again on the next
+    allocation, which cost more than the arithmetic in measurements (tools/bench_losses.py).
+    No effect where the C library has no ``mallopt`` (non-glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # blocks up to 32 MiB come from the reusable heap
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)  # keep up to 1 GiB of freed heap instead of trimming it
+
+
 def cpu_mode_enabled() -> bool:
     """Whether ``enable_cpu_mode()`` has been called in this process."""
     return _mode is not None
@@ -145,6 +168,8 @@ def enable_cpu_mode() -> None:
     mcore_random._set_cuda_rng_state = _set_cpu_rng_state
     # CudaRNGStatesTracker.fork warns whenever the CPU stream moves, i.e. on every fork here.
     logging.getLogger(mcore_random.__name__).addFilter(_DropForkRngWarning())
+
+    _keep_freed_memory_for_reuse()
 
     mode = _CudaToCpuMode()
     mode.__enter__()  # stays on this thread's torch-function mode stack for the process lifetime
