@@ -5,14 +5,29 @@ input's leading shape; ``masked_sum_and_count`` reduces it. ``tp_group=None`` me
 tensor-parallel group when model parallelism is initialized, else no tensor parallelism.
 """
 
+from megatron_mopd.losses.cross_tokenizer import gold_loss, projected_kl
 from megatron_mopd.losses.divergence import generalized_jsd_terms
 from megatron_mopd.losses.jsd import generalized_jsd
 from megatron_mopd.losses.modules import GeneralizedJSDLoss, TopKGeneralizedJSDLoss
+from megatron_mopd.losses.multi_teacher import (
+    CrossTokenizerTeacher,
+    SameTokenizerTeacher,
+    combine_teacher_losses,
+    route_by_sample,
+    teacher_losses,
+)
 from megatron_mopd.losses.reduction import IGNORE_INDEX, masked_sum_and_count
 from megatron_mopd.losses.topk import TAIL_MODES, topk_generalized_jsd
 from megatron_mopd.parallel.topk import vocab_parallel_topk
 
 __all__ = [
+    "CrossTokenizerTeacher",
+    "SameTokenizerTeacher",
+    "combine_teacher_losses",
+    "gold_loss",
+    "projected_kl",
+    "route_by_sample",
+    "teacher_losses",
     "GeneralizedJSDLoss",
     "TopKGeneralizedJSDLoss",
     "IGNORE_INDEX",

@@ -104,3 +104,28 @@ def fused_generalized_jsd_terms() -> Callable[..., tuple[torch.Tensor, torch.Ten
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Σ over the last dimension of a·b, without materializing the product."""
     return torch.linalg.vecdot(a, b)
+
+
+class _SupportDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:  # type: ignore[override]
+        loss, g = generalized_jsd_terms(student_logp, teacher_logp, beta)
+        ctx.save_for_backward(g)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):  # type: ignore[override]
+        (g,) = ctx.saved_tensors
+        return g * grad_loss.unsqueeze(-1), None, None
+
+
+def generalized_jsd_on_support(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Differentiable (in ``student_logp``) form of ``generalized_jsd_terms`` for small supports.
+
+    For losses that build their supports from a few values per position (cross-tokenizer chunks):
+    autograd carries the gradient back through however the caller built ``student_logp``.
+    Returns float32 ``[...]``, the loss summed over the last dimension.
+    """
+    return _SupportDivergence.apply(student_logp, teacher_logp.detach(), beta)

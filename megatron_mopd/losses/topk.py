@@ -178,8 +178,12 @@ def topk_generalized_jsd(
     if tail not in TAIL_MODES:
         raise ValueError(f"tail must be one of {TAIL_MODES}, got {tail!r}")
     shard = VocabShard.of(student_logits.shape[-1], vocab_size, tp_group)
-    present = _validated_presence(
-        student_logits, teacher_topk_logprobs, teacher_topk_ids, shard.vocab_size, tail == "tail"
+    present = validate_teacher_topk(
+        teacher_topk_logprobs,
+        teacher_topk_ids,
+        shard.vocab_size,
+        check_mass=tail == "tail",
+        leading_shape=student_logits.shape[:-1],
     )
     rows = chunk_rows(chunk_size, shard.local_size, student_logits.device)
     scale = temperature**2 if scale_by_temperature_squared else 1.0
@@ -197,23 +201,29 @@ def topk_generalized_jsd(
     )
 
 
-def _validated_presence(
-    student_logits: torch.Tensor,
+def validate_teacher_topk(
     logprobs: torch.Tensor,
     ids: torch.Tensor,
     vocab_size: int,
+    *,
     check_mass: bool,
+    leading_shape: torch.Size,
+    vocabulary: str = "student",
 ) -> torch.Tensor:
-    """Check the teacher's top-K tensors; return the mask of present entries (finite log-probs)."""
+    """Check a teacher's top-K tensors; return the mask of present entries (finite log-probs).
+
+    ``leading_shape`` is the shape the positions must have (the tensor they line up with);
+    ``vocabulary`` names the vocabulary the ids index in error messages.
+    """
     if logprobs.shape != ids.shape or logprobs.dim() == 0 or logprobs.shape[-1] < 1:
         raise ValueError(
             f"teacher_topk_logprobs {tuple(logprobs.shape)} and teacher_topk_ids {tuple(ids.shape)} "
             f"must have the same shape [..., K] with K >= 1"
         )
-    if logprobs.shape[:-1] != student_logits.shape[:-1]:
+    if logprobs.shape[:-1] != leading_shape:
         raise ValueError(
-            f"teacher_topk_logprobs {tuple(logprobs.shape)} must have the student logits' leading "
-            f"shape {tuple(student_logits.shape[:-1])} followed by K"
+            f"teacher_topk_logprobs {tuple(logprobs.shape)} must have the leading shape "
+            f"{tuple(leading_shape)} of the positions it scores, followed by K"
         )
     if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
         raise ValueError(f"teacher_topk_ids must be an integer tensor, got {ids.dtype}")
@@ -224,9 +234,15 @@ def _validated_presence(
     if outside.any():
         where = tuple(torch.nonzero(outside)[0].tolist())
         raise ValueError(
-            f"teacher_topk_ids[{', '.join(map(str, where))}] = {int(ids[where])} is outside the student "
-            f"vocabulary [0, {vocab_size}); a teacher with another tokenizer needs the cross-tokenizer "
-            f"losses, and absent entries need logprob -inf"
+            f"teacher_topk_ids[{', '.join(map(str, where))}] = {int(ids[where])} is outside the {vocabulary} "
+            f"vocabulary [0, {vocab_size}); "
+            + (
+                "a teacher with another tokenizer needs the cross-tokenizer losses, and absent entries "
+                "need logprob -inf"
+                if vocabulary == "student"
+                else "the ids must come from the teacher the projection was built for (absent entries "
+                "need logprob -inf)"
+            )
         )
     if ids.shape[-1] > 1:
         # Absent entries get distinct negative ids, so only present duplicates compare equal.
