@@ -1,14 +1,21 @@
-"""Exact vocab-parallel distillation losses (DESIGN.md §2-§3).
+"""Exact vocab-parallel distillation losses (DESIGN.md §2-§4).
 
-All take this rank's logits shard ``[..., V_local]`` and return a float32 per-position loss with the
-input's leading shape; ``masked_sum_and_count`` reduces it. ``tp_group=None`` means Megatron's
-tensor-parallel group when model parallelism is initialized, else no tensor parallelism.
+All take this rank's logits shard ``[..., V_local]``. The same-vocabulary losses return a float32
+per-position loss with the input's leading shape (``masked_sum_and_count`` reduces it); the
+cross-tokenizer losses (``projected_kl``, ``gold_loss``) return one loss per aligned chunk ``[C]``.
+``tp_group=None`` means Megatron's tensor-parallel group when model parallelism is initialized, else
+no tensor parallelism. ``teacher_losses`` / ``combine_teacher_losses`` combine several teachers.
 """
 
 from megatron_mopd.losses.cross_tokenizer import gold_loss, projected_kl
 from megatron_mopd.losses.divergence import generalized_jsd_terms
 from megatron_mopd.losses.jsd import generalized_jsd
-from megatron_mopd.losses.modules import GeneralizedJSDLoss, TopKGeneralizedJSDLoss
+from megatron_mopd.losses.modules import (
+    GeneralizedJSDLoss,
+    GOLDLoss,
+    ProjectedKLLoss,
+    TopKGeneralizedJSDLoss,
+)
 from megatron_mopd.losses.multi_teacher import (
     CrossTokenizerTeacher,
     SameTokenizerTeacher,
@@ -29,6 +36,8 @@ __all__ = [
     "route_by_sample",
     "teacher_losses",
     "GeneralizedJSDLoss",
+    "GOLDLoss",
+    "ProjectedKLLoss",
     "TopKGeneralizedJSDLoss",
     "IGNORE_INDEX",
     "TAIL_MODES",
