@@ -11,6 +11,14 @@ forward+backward and measure peak memory of:
   full_jsd_fused    the same with fused=True (torch.compile'd divergence core; compiled in warm-up)
   *_chunkN          the same with chunk_size=N tokens
   naive_dense_jsd   TRL-style generalized JSD written with plain PyTorch ops and autograd
+  pkl_tail          projected_kl(tail="tail"): cross-tokenizer P-KL through a real vocabulary projection
+  pkl_renorm        projected_kl(tail="renorm")
+  gold              gold_loss: JSD on common tokens + ULD on the rest
+
+The cross-tokenizer variants use two tokenizers trained here (``megatron_mopd.testing.tokenizers``,
+a byte-level BPE student and a SentencePiece-style teacher of ``--cross-vocab`` tokens), the projection
+built between them (its build time is reported), 3 aligned chunks per 4 student positions and 5
+teacher rows per 4 student positions, each with the teacher's top-K over its own vocabulary.
 
 All variants run side by side in one process, interleaved round-robin; the table gives the median
 time and its ratio to megatron_ce. Memory is measured in a separate pass (``peak_memory``):
@@ -42,7 +50,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_mopd.losses import generalized_jsd, topk_generalized_jsd
+from megatron_mopd.crosstok import VocabProjection
+from megatron_mopd.losses import generalized_jsd, gold_loss, projected_kl, topk_generalized_jsd
+from megatron_mopd.testing.tokenizers import byte_level_bpe, sentencepiece_bpe
 
 Variant = Callable[[torch.Tensor], torch.Tensor]  # logits (leaf) -> scalar loss
 
@@ -89,7 +99,61 @@ def build_variants(args: argparse.Namespace, teacher: torch.Tensor, device: torc
     }
     if not args.skip_naive:
         variants["naive_dense_jsd"] = lambda z: naive_dense_jsd(z, teacher, beta).sum()
+    if not args.skip_cross_tokenizer:
+        variants.update(cross_tokenizer_variants(args, device))
     return variants
+
+
+def projection_file(args: argparse.Namespace) -> Path:
+    return args.out.parent / f"projection_{args.cross_vocab}.safetensors"
+
+
+def build_projection(args: argparse.Namespace) -> dict:
+    """Train the two tokenizers (cached), build and save their projection; its build figures."""
+    student, teacher = byte_level_bpe(args.cross_vocab), sentencepiece_bpe(args.cross_vocab)
+    start = time.perf_counter()
+    projection = VocabProjection.build(student, teacher, progress=True)
+    build_s = time.perf_counter() - start
+    path = projection_file(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    projection.save(path)
+    start = time.perf_counter()
+    VocabProjection.load(path, student, teacher)
+    load_s = time.perf_counter() - start
+    return dict(
+        student_vocab=len(student), teacher_vocab=len(teacher), build_s=build_s, load_s=load_s,
+        stats=projection.stats.as_dict(),
+    )
+
+
+def cross_tokenizer_variants(args: argparse.Namespace, device: torch.device) -> dict[str, Variant]:
+    projection = VocabProjection.load(projection_file(args))
+    vocab = projection.student_vocab_size
+    if vocab > args.local_vocab:
+        raise SystemExit(f"--cross-vocab {args.cross_vocab} must not exceed --local-vocab {args.local_vocab}")
+    num_chunks, teacher_rows = args.tokens * 3 // 4, args.tokens * 5 // 4
+    student_chunks = (torch.arange(args.tokens) * num_chunks // args.tokens).to(device)
+    teacher_chunks = (torch.arange(teacher_rows) * num_chunks // teacher_rows).to(device)
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    logprobs, ids = [], []
+    for rows in range(0, teacher_rows, 512):  # the teacher's top-K, without a [rows, V_teacher] tensor
+        logits = torch.randn(min(512, teacher_rows - rows), projection.teacher_vocab_size, generator=gen) * 2
+        top = torch.log_softmax(logits, -1).topk(args.k, dim=-1)
+        logprobs.append(top.values)
+        ids.append(top.indices)
+    teacher_logp, teacher_ids = torch.cat(logprobs).to(device), torch.cat(ids).to(device)
+
+    def cross(loss_fn, **options) -> Variant:
+        return lambda z: loss_fn(
+            z, student_chunks, teacher_logp, teacher_ids, teacher_chunks, projection,
+            num_chunks=num_chunks, vocab_size=vocab, **options,
+        ).sum()
+
+    return {
+        "pkl_tail": cross(projected_kl, tail="tail"),
+        "pkl_renorm": cross(projected_kl, tail="renorm"),
+        "gold": cross(gold_loss, beta=args.beta),
+    }
 
 
 def synchronize(device: torch.device) -> None:
@@ -186,6 +250,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-naive", action="store_true", help="skip the naive dense JSD")
+    parser.add_argument("--skip-cross-tokenizer", action="store_true", help="skip P-KL and GOLD")
+    parser.add_argument("--cross-vocab", type=int, default=32000, help="size of both trained tokenizers")
     parser.add_argument("--out", type=Path, default=Path("bench_results/bench_losses.json"))
     parser.add_argument("--measure-memory-of", help=argparse.SUPPRESS)  # internal: child process mode
     args = parser.parse_args()
@@ -193,6 +259,9 @@ def main() -> None:
     device = torch.device(args.device)
     init_megatron_tp1(device, cpu_mode=device.type == "cpu" and not args.measure_memory_of)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    projection_build = None
+    if not args.skip_cross_tokenizer and not args.measure_memory_of:
+        projection_build = build_projection(args)
     gen = torch.Generator(device="cpu").manual_seed(0)
     student = (torch.randn(args.tokens, args.local_vocab, generator=gen) * 2).to(device, dtype)
     teacher = (torch.randn(args.tokens, args.local_vocab, generator=gen) * 2).to(device, dtype)
@@ -232,9 +301,16 @@ def main() -> None:
             f"{r['variant']:<22}{r['time_ms']:>10.1f}{r['time_vs_ce']:>8.2f}{r['peak_mib']:>11.1f}"
             f"{r['peak_x_fp32_logits']:>13.2f}{r['workspace_x_fp32_logits']:>18.2f}"
         )
+    if projection_build:
+        print(
+            f"\nvocabulary projection {projection_build['student_vocab']} -> {projection_build['teacher_vocab']}: "
+            f"built in {projection_build['build_s']:.1f} s, loaded in {projection_build['load_s'] * 1e3:.0f} ms, "
+            f"rows {projection_build['stats']}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.write_text(json.dumps(dict(config=config, machine=_machine(device), rows=rows), indent=2))
+    report = dict(config=config, machine=_machine(device), rows=rows, projection_build=projection_build)
+    args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}")
     if dist.is_initialized():
         dist.destroy_process_group()

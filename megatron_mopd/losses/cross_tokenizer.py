@@ -3,7 +3,7 @@
 The student and the teacher tokenize the same text differently; ``crosstok.align_batch`` cuts it into
 aligned chunks (spans that both tokenizations cover with whole tokens) and gives each student position
 and each teacher row the chunk of the token it predicts. Both losses compare, per chunk, the
-student's chunk-averaged distribution with the teacher's (``crosstok.chunk_teacher_distributions``),
+student's chunk-averaged distribution with the teacher's (``chunk_teacher.chunk_teacher_distributions``),
 and return one loss per chunk ``[C]`` (sum it and divide by C, or reduce (sum, C) across ranks).
 
 ``projected_kl`` (P-KL, CTKD / X-Token): the student's distribution is carried into teacher space by
@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from megatron_mopd.crosstok.teacher_chunks import ChunkTeacher, chunk_teacher_distributions
+from megatron_mopd.losses.chunk_teacher import ChunkTeacher, chunk_teacher_distributions
 from megatron_mopd.losses.chunk_projection import (
     ScoredPositions,
     chunk_projected_probs,
