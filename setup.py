@@ -23,6 +23,7 @@ setup(
         "packaging>=24.2",
         "tqdm>=4.60",
     ],
+    entry_points={"console_scripts": ["mopd=megatron_mopd.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
         # Optional CUDA accelerators: used when importable, never required.
