@@ -220,3 +220,17 @@ def test_identity_projection_reduces_to_the_same_vocabulary_topk_jsd(tail: str, 
     for loss_fn in (projected_kl, gold_loss):
         cross = loss_fn(logits, chunks, teacher_logprobs, teacher_ids, chunks, identity, beta=beta, temperature=2.0, tail=tail)
         torch.testing.assert_close(cross, same_vocab.reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_fn", [projected_kl, gold_loss])
+def test_bf16_logits_use_float32_math_and_get_a_bf16_gradient(loss_fn) -> None:
+    batch, projection = make_batch(), synthetic_projection()
+    args = (batch.student_chunks, batch.teacher_logprobs, batch.teacher_ids, batch.teacher_chunks, projection)
+    low = batch.student.bfloat16().requires_grad_(True)
+    high = low.detach().float().requires_grad_(True)
+    losses = [loss_fn(x, *args, vocab_size=VOCAB_SIZE, chunk_size=2) for x in (low, high)]
+    for loss in losses:
+        loss.mean().backward()
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-7)
+    assert low.grad.dtype == torch.bfloat16
+    assert rel_err(low.grad.float(), high.grad) < 1e-2

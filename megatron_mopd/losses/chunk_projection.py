@@ -1,22 +1,24 @@
 """Chunk-averaged student probabilities seen through a sparse vocabulary projection, vocab-parallel.
 
-The two building blocks of the cross-tokenizer losses. Each student position i carries the aligned
-chunk c(i) of the token it predicts (−1: not scored); p_i = softmax(z_i/τ) over the student
-vocabulary, sharded across TP ranks, and n_c is the number of positions of chunk c.
+The student side of the cross-tokenizer losses. Each student position i carries the aligned chunk
+c(i) of the token it predicts (−1: not scored); p_i = softmax(z_i/τ) over the student vocabulary,
+sharded across TP ranks, and n_c is the number of positions of chunk c. ``chunk_statistics`` computes
+either or both of two statistics in one pass over p (and its backward in one more), so a loss using
+both produces one logits-sized gradient, not one per statistic.
 
-``chunk_projected_probs``: with W the student→teacher projection (≤ R entries per student row),
+Projected probabilities: with W the student→teacher projection (≤ R entries per student row),
 
     q_i[k] = Σ_v p_i[v] · W[v, J_c(i),k]          (Wᵀ p_i restricted to chunk c's teacher columns J_c)
     q̄_c[k] = (1/n_c) Σ_{i ∈ c} q_i[k]
 
     ∂L/∂z_i[v] = p_i[v] · (Σ_k g_i[k] W[v, J_k] − Σ_k g_i[k] q_i[k]) / τ,   g_i = (∂L/∂q̄_c(i)) / n_c
 
-Each rank projects its own rows of W (a CSR matrix restricted to the batch's teacher columns) and the
-per-position partial q_i are summed across ranks: one all-reduce of K values per position (identity
+Each rank projects its own rows of W — per group of rows, the entries of the group's teacher columns,
+gathered from W's local rows sorted by teacher id — and the per-position partial q_i are summed across ranks: one all-reduce of K values per position (identity
 backward: every rank back-propagates the same g into its own rows). Σ_k g_i[k] q_i[k] is the softmax
 normalizer's term, computed from the summed q_i, so backward needs no collective.
 
-``chunk_topk_probs``: the L largest entries of p̄_c = (1/n_c) Σ_{i∈c} p_i over the student ids not
+Top list: the L largest entries of p̄_c = (1/n_c) Σ_{i∈c} p_i over the student ids not
 excluded, sorted descending, with their ids: local top-L per rank of each chunk's average, then a
 global top-L over the all-gathered candidates (L values per chunk and rank). Backward:
 
@@ -24,19 +26,33 @@ global top-L over the all-gathered candidates (L values per chunk and rank). Bac
 
 one all-reduce of a scalar per position (the p_i at ids owned by other ranks).
 
-Both keep nothing of the logits' size for backward besides the input: p is recomputed chunk of rows
-by chunk of rows from the saved global logsumexp.
+Nothing of the logits' size is kept for backward besides the input: p is recomputed group of rows
+by group of rows from the saved global logsumexp. Rows are processed in groups of whole chunks (the
+positions are sorted by chunk) of about ``rows_per_chunk`` rows.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 
-from megatron_mopd.parallel.chunking import softmax_into
 from megatron_mopd.parallel.vocab import VocabShard
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Consecutive whole chunks: ``scored`` slices the scored positions, ``chunks`` their chunk ids,
+    ``logits_rows`` the rows of the flattened logits (a slice when they are contiguous)."""
+
+    scored: slice
+    chunks: slice
+    logits_rows: Union[slice, torch.Tensor]
+
+    @property
+    def size(self) -> int:
+        return self.scored.stop - self.scored.start
 
 
 @dataclass(frozen=True)
@@ -44,23 +60,25 @@ class ScoredPositions:
     """The positions that carry a chunk, in the flattened ``[N, V_local]`` logits.
 
     ``rows`` int64 [P] indices into the N positions, grouped by chunk (ascending chunk, then
-    position); ``chunk`` int64 [P] their chunk ids; ``count`` int64 [C] positions per chunk.
+    position); ``chunk`` int64 [P] their chunk ids; ``count`` int64 [C] positions per chunk;
+    ``groups``: consecutive whole chunks of about ``rows_per_group`` positions each (a chunk longer
+    than that is a group of its own).
     """
 
     rows: torch.Tensor
     chunk: torch.Tensor
     count: torch.Tensor
+    groups: tuple[RowGroup, ...]
 
     @classmethod
-    def of(cls, position_chunks: torch.Tensor, num_chunks: int) -> "ScoredPositions":
+    def of(cls, position_chunks: torch.Tensor, num_chunks: int, rows_per_group: int) -> "ScoredPositions":
         if position_chunks.dtype.is_floating_point or position_chunks.dtype == torch.bool:
             raise ValueError(f"student chunk ids must be an integer tensor, got {position_chunks.dtype}")
         flat = position_chunks.reshape(-1).long()
         if flat.numel() and int(flat.max()) >= num_chunks:
             raise ValueError(f"student chunk id {int(flat.max())} >= num_chunks={num_chunks}")
         rows = torch.nonzero(flat >= 0).squeeze(1)
-        order = torch.argsort(flat[rows], stable=True)
-        rows = rows[order]
+        rows = rows[torch.argsort(flat[rows], stable=True)]
         chunk = flat[rows]
         count = torch.bincount(chunk, minlength=num_chunks)
         if num_chunks and int(count.min()) == 0:
@@ -69,233 +87,276 @@ class ScoredPositions:
                 f"chunk {missing} has no student position: chunk ids must come from align_batch "
                 f"(a chunk whose first token starts the sequence has no predicting position)"
             )
-        return cls(rows, chunk, count)
+        return cls(rows, chunk, count, _row_groups(rows, count, rows_per_group))
+
+
+def _row_groups(rows: torch.Tensor, count: torch.Tensor, rows_per_group: int) -> tuple[RowGroup, ...]:
+    ends = torch.cumsum(count, 0).tolist()
+    # breaks[i]: how many non-consecutive steps rows[0..i] contain; a group is contiguous if none inside.
+    breaks = [0] + torch.cumsum((rows[1:] - rows[:-1] != 1).long(), 0).tolist()
+    groups, first = [], 0
+    while first < len(ends):
+        start = ends[first - 1] if first else 0
+        last = first
+        while last + 1 < len(ends) and ends[last + 1] - start <= rows_per_group:
+            last += 1
+        stop = ends[last]
+        contiguous = breaks[stop - 1] == breaks[start]
+        logits_rows = slice(int(rows[start]), int(rows[start]) + stop - start) if contiguous else rows[start:stop]
+        groups.append(RowGroup(slice(start, stop), slice(first, last + 1), logits_rows))
+        first = last + 1
+    return tuple(groups)
+
+
+def _load_rows(work: torch.Tensor, logits_2d: torch.Tensor, group: RowGroup, num_valid: int, temperature: float) -> torch.Tensor:
+    """Write float32 ``z/τ`` of the group's rows (real columns) into ``work`` [rows, num_valid]; return it."""
+    source = logits_2d[:, :num_valid]
+    if isinstance(group.logits_rows, slice):
+        work.copy_(source[group.logits_rows])
+    else:
+        torch.index_select(source, 0, group.logits_rows, out=work) if source.dtype == work.dtype else work.copy_(
+            source.index_select(0, group.logits_rows)
+        )
+    return work if temperature == 1.0 else work.div_(temperature)
 
 
 def scored_logsumexp(
-    logits_2d: torch.Tensor, positions: ScoredPositions, shard: VocabShard, temperature: float, rows: int
+    logits_2d: torch.Tensor, positions: ScoredPositions, shard: VocabShard, temperature: float
 ) -> torch.Tensor:
     """float32 [P]: the global logsumexp of z/τ over the real vocabulary at each scored position."""
     local = torch.full((positions.rows.numel(),), -torch.inf, device=logits_2d.device)
-    if shard.num_valid:
-        for sl in _slices(positions.rows.numel(), rows):
-            z = logits_2d[positions.rows[sl], : shard.num_valid].float().div_(temperature)
-            local[sl] = torch.logsumexp(z, dim=-1)
+    if shard.num_valid and positions.groups:
+        workspace = _workspace(positions, shard.num_valid, logits_2d.device)
+        for group in positions.groups:
+            z = _load_rows(workspace[: group.size], logits_2d, group, shard.num_valid, temperature)
+            row_max = z.amax(dim=-1, keepdim=True)
+            local[group.scored] = z.sub_(row_max).exp_().sum(-1).log_().add_(row_max.squeeze(-1))
     return shard.logsumexp(local)
 
 
-def _slices(n: int, step: int):
-    return (slice(s, min(s + step, n)) for s in range(0, n, step))
+def _workspace(positions: ScoredPositions, num_valid: int, device: torch.device) -> torch.Tensor:
+    return torch.empty((max(g.size for g in positions.groups), num_valid), device=device)
 
 
-def _softmax_rows(
-    logits_2d: torch.Tensor, rows: torch.Tensor, lse: torch.Tensor, shard: VocabShard, temperature: float
-) -> torch.Tensor:
-    """float32 [len(rows), num_valid]: p over this rank's real columns at the given positions."""
-    z = logits_2d[rows, : shard.num_valid]
-    return softmax_into(torch.empty(z.shape, device=z.device), z.float(), lse, temperature)
+@dataclass(frozen=True)
+class ProjectionRequest:
+    """Project onto teacher columns: ``columns`` int64 [C, K] (−1 = absent) and this rank's rows of W,
+    ``indices`` (teacher ids, −1 = empty slot) and ``weights``, both [V_local, R]."""
+
+    columns: torch.Tensor
+    indices: torch.Tensor
+    weights: torch.Tensor
 
 
-def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """A CSR matrix from COO entries (any order)."""
-    order = torch.argsort(rows * shape[1] + cols)
-    crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, cols[order], values[order], shape, check_invariants=False)
+@dataclass(frozen=True)
+class TopListRequest:
+    """The ``k`` largest chunk-averaged probabilities over the ids not ``excluded`` (bool [V_local])."""
+
+    excluded: torch.Tensor
+    k: int
 
 
-class _ChunkProjectedProbs(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        student_logits: torch.Tensor,
-        lse: torch.Tensor,
-        positions: ScoredPositions,
-        columns: torch.Tensor,
-        projection_indices: torch.Tensor,
-        projection_weights: torch.Tensor,
-        shard: VocabShard,
-        temperature: float,
-        rows_per_chunk: int,
-    ) -> torch.Tensor:
-        z = student_logits.reshape(-1, shard.local_size)
-        present = columns >= 0
-        # The batch's teacher columns U, and each chunk's columns as indices into U.
-        used, column_in_used = torch.unique(columns.clamp_min(0), return_inverse=True)
-        projection_t, projection = _restricted_projection(
-            projection_indices, projection_weights, used, shard.num_valid
-        )
-        q = torch.zeros((positions.rows.numel(), columns.shape[1]), device=z.device)
-        if projection is not None:
-            for sl in _slices(positions.rows.numel(), rows_per_chunk):
-                p = _softmax_rows(z, positions.rows[sl], lse[sl], shard, temperature)
-                projected = (projection_t @ p.t()).t()  # [n, |U|]
-                q[sl] = projected.gather(1, column_in_used[positions.chunk[sl]])
-        q = shard.all_reduce_(q.mul_(present[positions.chunk]))
-        mean = torch.zeros(columns.shape, device=z.device).index_add_(0, positions.chunk, q)
-        mean.div_(positions.count[:, None])
+@dataclass(frozen=True)
+class ChunkStatistics:
+    """``projected`` float32 [C, K] (0 where the column is absent); ``top_values`` float32 [C, k] sorted
+    descending and ``top_ids`` int64 [C, k] global student ids ((0, −1) past the selectable ids).
+    Unrequested statistics are None. Replicated on every TP rank; differentiable in the values."""
 
-        ctx.save_for_backward(z, lse, q, column_in_used, present)
-        ctx.projection, ctx.positions, ctx.shard = projection, positions, shard
-        ctx.temperature, ctx.rows_per_chunk, ctx.logits_shape = temperature, rows_per_chunk, student_logits.shape
-        ctx.num_used = used.numel()
-        return mean
-
-    @staticmethod
-    def backward(ctx, grad_mean: torch.Tensor):  # type: ignore[override]
-        z, lse, q, column_in_used, present = ctx.saved_tensors
-        positions: ScoredPositions = ctx.positions
-        shard: VocabShard = ctx.shard
-        g = (grad_mean.float() * present)[positions.chunk] / positions.count[positions.chunk, None]
-        normalizer = (g * q).sum(-1, keepdim=True)  # Σ_k g_i[k] q_i[k] = Σ_v p_i[v] (∂L/∂p_i[v])
-        grad = torch.zeros(z.shape, dtype=z.dtype, device=z.device)
-        for sl in _slices(positions.rows.numel() if shard.num_valid else 0, ctx.rows_per_chunk):
-            p = _softmax_rows(z, positions.rows[sl], lse[sl], shard, ctx.temperature)
-            if ctx.projection is None:  # no local row projects to the columns: only the normalizer term
-                g_p = normalizer[sl].neg().expand_as(p)
-            else:
-                g_used = torch.zeros((p.shape[0], ctx.num_used), device=z.device)
-                g_used.scatter_add_(1, column_in_used[positions.chunk[sl]], g[sl])
-                g_p = (ctx.projection @ g_used.t()).t().sub_(normalizer[sl])  # [n, num_valid]
-            grad[positions.rows[sl], : shard.num_valid] = p.mul_(g_p).div_(ctx.temperature).to(z.dtype)
-        return grad.view(ctx.logits_shape), None, None, None, None, None, None, None, None
+    projected: torch.Tensor | None
+    top_values: torch.Tensor | None
+    top_ids: torch.Tensor | None
 
 
-def _restricted_projection(
-    indices: torch.Tensor, weights: torch.Tensor, used: torch.Tensor, num_valid: int
-) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-    """W's local rows restricted to the teacher columns ``used``: (Wᵀ [|U|, V_valid], W [V_valid, |U|]) CSR."""
-    indices, weights = indices[:num_valid], weights[:num_valid].float()
-    slot = torch.searchsorted(used, indices.clamp_min(0))
-    slot_clamped = slot.clamp_max(used.numel() - 1)
-    hit = (indices >= 0) & (weights != 0) & (used[slot_clamped] == indices)
-    if not bool(hit.any()):
-        return None, None
-    rows = torch.arange(num_valid, device=indices.device)[:, None].expand_as(indices)[hit]
-    cols, values = slot_clamped[hit], weights[hit]
-    return (
-        _csr(cols, rows, values, (used.numel(), num_valid)),
-        _csr(rows, cols, values, (num_valid, used.numel())),
-    )
-
-
-def chunk_projected_probs(
+def chunk_statistics(
     student_logits: torch.Tensor,
     lse: torch.Tensor,
     positions: ScoredPositions,
-    columns: torch.Tensor,
-    projection_indices: torch.Tensor,
-    projection_weights: torch.Tensor,
     shard: VocabShard,
     temperature: float,
-    rows_per_chunk: int,
-) -> torch.Tensor:
-    """q̄ float32 [C, K] (module docstring), replicated on every TP rank; 0 where ``columns`` < 0.
+    *,
+    projection: ProjectionRequest | None = None,
+    top_list: TopListRequest | None = None,
+) -> ChunkStatistics:
+    """The requested statistics of the chunk-averaged student distributions (module docstring).
 
     Args:
-        student_logits: ``[..., V_local]`` this rank's shard; positions index its flattened rows.
+        student_logits: ``[..., V_local]`` this rank's shard; ``positions`` index its flattened rows.
         lse: float32 [P] ``scored_logsumexp`` of the positions (not differentiated).
-        columns: int64 [C, K] teacher ids per chunk, −1 = absent.
-        projection_indices, projection_weights: [V_local, R] this rank's rows of W (teacher ids,
-            −1 = empty slot; weights).
     """
-    return _ChunkProjectedProbs.apply(
-        student_logits, lse.detach(), positions, columns, projection_indices, projection_weights,
-        shard, temperature, rows_per_chunk,
+    projected, top_values, top_ids = _ChunkStatistics.apply(
+        student_logits, lse.detach(), positions, shard, temperature, projection, top_list
+    )
+    return ChunkStatistics(
+        projected if projection is not None else None,
+        top_values if top_list is not None else None,
+        top_ids if top_list is not None else None,
     )
 
 
-class _ChunkTopKProbs(torch.autograd.Function):
+@dataclass(frozen=True)
+class _GroupEntries:
+    """W's entries in one group's teacher columns: student column ``v`` (local), column slot ``u``
+    among the group's ``num_columns`` columns, weight ``w``; ``slot`` [rows, K]: each row's K
+    columns as slots (absent columns: slot 0, masked by the caller)."""
+
+    v: torch.Tensor
+    u: torch.Tensor
+    w: torch.Tensor
+    num_columns: int
+    slot: torch.Tensor
+
+
+class _ColumnIndex:
+    """This rank's rows of W sorted by teacher id, to fetch the entries of any set of teacher columns."""
+
+    def __init__(self, indices: torch.Tensor, weights: torch.Tensor, num_valid: int):
+        indices, weights = indices[:num_valid], weights[:num_valid].float()
+        hit = (indices >= 0) & (weights != 0)
+        student = torch.arange(num_valid, device=indices.device)[:, None].expand_as(indices)[hit]
+        teacher, weight = indices[hit], weights[hit]
+        order = torch.argsort(teacher, stable=True)
+        self.student, self.teacher, self.weight = student[order], teacher[order], weight[order]
+
+    def entries(self, columns: torch.Tensor, row_chunks: torch.Tensor) -> _GroupEntries:
+        """The entries of the present ``columns`` [c, K] of a group whose rows have chunks ``row_chunks``."""
+        used, slot = torch.unique(columns.clamp_min(0), return_inverse=True)
+        lo = torch.searchsorted(self.teacher, used)
+        length = torch.searchsorted(self.teacher, used, right=True) - lo
+        u = torch.repeat_interleave(torch.arange(used.numel(), device=used.device), length)
+        # position of each entry: its column's first entry + its rank within the column
+        within = torch.arange(u.numel(), device=u.device) - torch.repeat_interleave(torch.cumsum(length, 0) - length, length)
+        at = lo[u] + within
+        return _GroupEntries(self.student[at], u, self.weight[at], used.numel(), slot[row_chunks])
+
+
+class _ChunkStatistics(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
         student_logits: torch.Tensor,
         lse: torch.Tensor,
         positions: ScoredPositions,
-        excluded: torch.Tensor,
-        k: int,
         shard: VocabShard,
         temperature: float,
-        rows_per_chunk: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        projection: ProjectionRequest | None,
+        top_list: TopListRequest | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = student_logits.reshape(-1, shard.local_size)
-        num_chunks = positions.count.numel()
-        local_values = torch.full((num_chunks, k), -1.0, device=z.device)
-        local_ids = torch.full((num_chunks, k), -1, dtype=torch.long, device=z.device)
-        local_k = min(k, shard.num_valid)
-        if local_k:
-            excluded_valid = excluded[: shard.num_valid]
-            ends = torch.cumsum(positions.count, 0).tolist()
-            first_chunk = 0
-            while first_chunk < num_chunks:  # groups of whole chunks, about rows_per_chunk rows each
-                start = ends[first_chunk - 1] if first_chunk else 0
-                last = first_chunk
-                while last + 1 < num_chunks and ends[last + 1] - start <= rows_per_chunk:
-                    last += 1
-                sl = slice(start, ends[last])
-                p = _softmax_rows(z, positions.rows[sl], lse[sl], shard, temperature)
-                group = positions.chunk[sl] - first_chunk
-                mean = torch.zeros((last - first_chunk + 1, p.shape[1]), device=z.device)
-                mean.index_add_(0, group, p).div_(positions.count[first_chunk : last + 1, None])
-                mean[:, excluded_valid] = -1.0
+        device, num_chunks, num_rows = z.device, positions.count.numel(), positions.rows.numel()
+        valid = shard.num_valid
+        groups = positions.groups if valid else ()
+        entries: list[_GroupEntries] = []
+        if projection is not None:
+            index = _ColumnIndex(projection.indices, projection.weights, valid)
+            q = torch.zeros((num_rows, projection.columns.shape[1]), device=device)
+        if top_list is not None:
+            local_values = torch.full((num_chunks, top_list.k), -1.0, device=device)
+            local_ids = torch.full((num_chunks, top_list.k), -1, dtype=torch.long, device=device)
+            local_k = min(top_list.k, valid)
+        workspace = _workspace(positions, valid, device) if groups else None
+        for group in groups:
+            p = _load_rows(workspace[: group.size], z, group, valid, temperature)
+            p.sub_(lse[group.scored, None]).exp_()
+            row_chunks = positions.chunk[group.scored]
+            if projection is not None:
+                e = index.entries(projection.columns[group.chunks], row_chunks - group.chunks.start)
+                projected = torch.zeros((group.size, e.num_columns), device=device)
+                projected.index_add_(1, e.u, p[:, e.v] * e.w)
+                q[group.scored] = projected.gather(1, e.slot)
+                entries.append(e)
+            if top_list is not None and local_k:
+                mean = torch.zeros((group.chunks.stop - group.chunks.start, valid), device=device)
+                mean.index_add_(0, row_chunks - group.chunks.start, p).div_(positions.count[group.chunks, None])
+                mean[:, top_list.excluded[:valid]] = -1.0
                 values, ids = mean.topk(local_k, dim=-1)
-                local_values[first_chunk : last + 1, :local_k] = values
-                local_ids[first_chunk : last + 1, :local_k] = torch.where(values >= 0, ids + shard.start, -1)
-                first_chunk = last + 1
-        candidates = shard.all_gather(local_values).permute(1, 0, 2).reshape(num_chunks, -1)
-        candidate_ids = shard.all_gather(local_ids).permute(1, 0, 2).reshape(num_chunks, -1)
-        values, best = candidates.topk(k, dim=-1)
-        ids = candidate_ids.gather(1, best)
-        present = values >= 0
-        values = torch.where(present, values, 0.0)
-        ids = torch.where(present, ids, -1)
-        ctx.save_for_backward(z, lse, ids)
+                local_values[group.chunks, :local_k] = values
+                local_ids[group.chunks, :local_k] = torch.where(values >= 0, ids + shard.start, -1)
+
+        projected_mean = top_values = top_ids = torch.empty(0, device=device)
+        if projection is not None:
+            present = projection.columns >= 0
+            q = shard.all_reduce_(q.mul_(present[positions.chunk]))
+            projected_mean = torch.zeros(projection.columns.shape, device=device).index_add_(0, positions.chunk, q)
+            projected_mean.div_(positions.count[:, None])
+            ctx.projection_state = (q, present, entries)
+        if top_list is not None:
+            candidates = shard.all_gather(local_values).permute(1, 0, 2).reshape(num_chunks, -1)
+            candidate_ids = shard.all_gather(local_ids).permute(1, 0, 2).reshape(num_chunks, -1)
+            top_values, best = candidates.topk(top_list.k, dim=-1)
+            top_ids = torch.where(top_values >= 0, candidate_ids.gather(1, best), -1)
+            top_values = top_values.clamp_min_(0.0)
+            ctx.top_ids = top_ids
+        ctx.save_for_backward(z, lse)
         ctx.positions, ctx.shard, ctx.temperature = positions, shard, temperature
-        ctx.rows_per_chunk, ctx.logits_shape = rows_per_chunk, student_logits.shape
-        ctx.mark_non_differentiable(ids)
-        return values, ids
+        ctx.requested = (projection is not None, top_list is not None)
+        ctx.logits_shape = student_logits.shape
+        ctx.mark_non_differentiable(top_ids)
+        return projected_mean, top_values, top_ids
 
     @staticmethod
-    def backward(ctx, grad_values: torch.Tensor, _grad_ids: torch.Tensor):  # type: ignore[override]
-        z, lse, ids = ctx.saved_tensors
+    def backward(ctx, grad_projected: torch.Tensor, grad_top: torch.Tensor, _grad_ids: torch.Tensor):  # type: ignore[override]
+        z, lse = ctx.saved_tensors
         positions: ScoredPositions = ctx.positions
         shard: VocabShard = ctx.shard
-        row_ids = ids[positions.chunk]  # [P, L]
-        local_ids, owned = shard.owned_local_ids(row_ids, row_ids >= 0)
-        h = torch.where(owned, grad_values.float()[positions.chunk], 0.0) / positions.count[positions.chunk, None]
-        # Σ_l h_i[id_l] p_i[id_l] over all ranks' ids: local gather of z, one scalar per position reduced.
-        z_at = z[positions.rows[:, None], local_ids].float().div_(ctx.temperature)
-        normalizer = shard.all_reduce_((h * torch.where(owned, (z_at - lse[:, None]).exp(), 0.0)).sum(-1))
-        grad = torch.zeros(z.shape, dtype=z.dtype, device=z.device)
-        for sl in _slices(positions.rows.numel() if shard.num_valid else 0, ctx.rows_per_chunk):
-            p = _softmax_rows(z, positions.rows[sl], lse[sl], shard, ctx.temperature)
-            valid_ids = local_ids[sl].clamp_max(shard.num_valid - 1)
-            g_p = torch.zeros_like(p).scatter_add_(1, valid_ids, h[sl]).sub_(normalizer[sl, None])
-            grad[positions.rows[sl], : shard.num_valid] = p.mul_(g_p).div_(ctx.temperature).to(z.dtype)
-        return grad.view(ctx.logits_shape), None, None, None, None, None, None, None
+        valid, temperature = shard.num_valid, ctx.temperature
+        per_position = positions.count[positions.chunk, None].float()
+        # normalizer_i = Σ_v p_i[v] ∂L/∂p_i[v], summed over both statistics and all ranks.
+        normalizer = torch.zeros((positions.rows.numel(), 1), device=z.device)
+        if ctx.requested[0]:
+            q, present, entries = ctx.projection_state
+            g = (grad_projected.float() * present)[positions.chunk] / per_position
+            normalizer += (g * q).sum(-1, keepdim=True)  # Σ_k g_i[k] q_i[k], q already summed over ranks
+        if ctx.requested[1]:
+            row_ids = ctx.top_ids[positions.chunk]
+            local_ids, owned = shard.owned_local_ids(row_ids, row_ids >= 0)
+            h = torch.where(owned, grad_top.float()[positions.chunk], 0.0) / per_position
+            z_at = z[positions.rows[:, None], local_ids].float().div_(temperature)
+            p_at = torch.where(owned, (z_at - lse[:, None]).exp(), 0.0)
+            normalizer += shard.all_reduce_((h * p_at).sum(-1, keepdim=True))
+            local_ids = local_ids.clamp_max(max(valid - 1, 0))
+        # ∂L/∂z = p ⊙ (g_p − normalizer) / τ with g_p sparse: p is written where the gradient goes,
+        # the sparse part is read off it, then p is scaled by −normalizer/τ and the sparse part added.
+        grad = _empty_gradient(z, positions.rows, valid)
+        groups = positions.groups if valid else ()
+        in_place = z.dtype == torch.float32
+        workspace = _workspace(positions, valid, z.device) if groups and not (in_place and _all_contiguous(groups)) else None
+        for i, group in enumerate(groups):
+            direct = in_place and isinstance(group.logits_rows, slice)
+            out = grad[group.logits_rows, :valid] if direct else workspace[: group.size]
+            p = _load_rows(out, z, group, valid, temperature).sub_(lse[group.scored, None]).exp_()
+            corrections = []
+            if ctx.requested[0] and entries[i].v.numel():
+                e = entries[i]
+                g_used = torch.zeros((group.size, e.num_columns), device=z.device)
+                g_used.scatter_add_(1, e.slot, g[group.scored])
+                corrections.append((e.v, p[:, e.v] * g_used[:, e.u] * e.w))
+            if ctx.requested[1]:
+                ids = local_ids[group.scored]
+                corrections.append((ids, p.gather(1, ids) * h[group.scored]))
+            p.mul_(normalizer[group.scored].neg())
+            for columns, values in corrections:
+                if columns.dim() == 1:
+                    p.index_add_(1, columns, values)
+                else:
+                    p.scatter_add_(1, columns, values)
+            p.div_(temperature)
+            if not direct:
+                if isinstance(group.logits_rows, slice):
+                    grad[group.logits_rows, :valid] = p.to(z.dtype)
+                else:
+                    grad[:, :valid].index_copy_(0, group.logits_rows, p.to(z.dtype))
+        return grad.view(ctx.logits_shape), None, None, None, None, None, None
 
 
-def chunk_topk_probs(
-    student_logits: torch.Tensor,
-    lse: torch.Tensor,
-    positions: ScoredPositions,
-    excluded: torch.Tensor,
-    k: int,
-    shard: VocabShard,
-    temperature: float,
-    rows_per_chunk: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest chunk-averaged student probabilities over the ids not ``excluded``.
+def _empty_gradient(z: torch.Tensor, scored_rows: torch.Tensor, num_valid: int) -> torch.Tensor:
+    """An uninitialized gradient whose padded columns and unscored rows are 0 (the rest is written)."""
+    grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    grad[:, num_valid:] = 0
+    unscored = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+    unscored[scored_rows] = False
+    grad[unscored] = 0
+    return grad
 
-    Args:
-        excluded: bool [V_local]: this rank's columns that may not be selected.
-    Returns:
-        ``(values float32 [C, k] sorted descending, ids int64 [C, k] global student ids)``,
-        replicated on every TP rank; entries beyond the selectable ids are (0, −1). Differentiable
-        in ``values``.
-    """
-    return _ChunkTopKProbs.apply(
-        student_logits, lse.detach(), positions, excluded, k, shard, temperature, rows_per_chunk
-    )
+
+def _all_contiguous(groups: tuple[RowGroup, ...]) -> bool:
+    return all(isinstance(g.logits_rows, slice) for g in groups)

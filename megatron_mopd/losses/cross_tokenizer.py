@@ -36,9 +36,11 @@ import torch
 
 from megatron_mopd.losses.chunk_teacher import ChunkTeacher, chunk_teacher_distributions
 from megatron_mopd.losses.chunk_projection import (
+    ChunkStatistics,
+    ProjectionRequest,
     ScoredPositions,
-    chunk_projected_probs,
-    chunk_topk_probs,
+    TopListRequest,
+    chunk_statistics,
     scored_logsumexp,
 )
 from megatron_mopd.losses.divergence import (
@@ -100,11 +102,8 @@ def projected_kl(
         allowed=projection.teacher_reachable(),
     )
     indices, weights = _projection_rows(projection, setup.shard, student_logits.device)
-    projected = chunk_projected_probs(
-        student_logits, setup.lse, setup.positions, teacher.ids, indices, weights,
-        setup.shard, temperature, setup.rows,
-    )
-    loss = _chunk_divergence(projected, teacher, beta, tail)
+    student = setup.statistics(student_logits, projection=ProjectionRequest(teacher.ids, indices, weights))
+    loss = _chunk_divergence(student.projected, teacher, beta, tail)
     return loss * temperature**2 if scale_by_temperature_squared else loss
 
 
@@ -170,20 +169,16 @@ def gold_loss(
     mine = (local >= 0) & (local < shard.num_valid)
     one_hot_ids = torch.full((shard.local_size, 1), -1, dtype=torch.long, device=device)
     one_hot_ids[local[mine], 0] = common_teacher[mine]
-    projected = chunk_projected_probs(
-        student_logits, setup.lse, setup.positions, matched_teacher.ids, one_hot_ids,
-        torch.ones((shard.local_size, 1), device=device), shard, temperature, setup.rows,
+    # The rest: the student's largest probabilities over its non-common tokens, for ULD.
+    student = setup.statistics(
+        student_logits,
+        projection=ProjectionRequest(matched_teacher.ids, one_hot_ids, torch.ones((shard.local_size, 1), device=device)),
+        top_list=TopListRequest(one_hot_ids[:, 0] >= 0, teacher.ids.shape[1]),
     )
-    matched_loss = _chunk_divergence(projected, matched_teacher, beta, tail)
-
-    # The rest: ULD between the sorted probabilities.
-    k = teacher.ids.shape[1]
+    matched_loss = _chunk_divergence(student.projected, matched_teacher, beta, tail)
     teacher_rest = torch.where(teacher.present & ~matched, teacher.probs, -1.0).sort(dim=-1, descending=True).values
-    student_rest, student_rest_ids = chunk_topk_probs(
-        student_logits, setup.lse, setup.positions, one_hot_ids[:, 0] >= 0, k, shard, temperature, setup.rows
-    )
-    both = (teacher_rest >= 0) & (student_rest_ids >= 0)  # sorted lists: a prefix of each
-    unmatched_loss = torch.where(both, (student_rest - teacher_rest).abs(), 0.0).sum(-1)
+    both = (teacher_rest >= 0) & (student.top_ids >= 0)  # sorted lists: a prefix of each
+    unmatched_loss = torch.where(both, (student.top_values - teacher_rest).abs(), 0.0).sum(-1)
 
     loss = matched_weight * matched_loss + unmatched_weight * unmatched_loss
     return loss * temperature**2 if scale_by_temperature_squared else loss
@@ -192,8 +187,14 @@ def gold_loss(
 class _CrossTokenizerInputs:
     """Validated shared inputs: the shard, the scored positions, their global logsumexp."""
 
-    def __init__(self, shard: VocabShard, positions: ScoredPositions, lse: torch.Tensor, rows: int, num_chunks: int):
+    def __init__(
+        self, shard: VocabShard, positions: ScoredPositions, lse: torch.Tensor, rows: int, num_chunks: int, temperature: float
+    ):
         self.shard, self.positions, self.lse, self.rows, self.num_chunks = shard, positions, lse, rows, num_chunks
+        self.temperature = temperature
+
+    def statistics(self, student_logits: torch.Tensor, **requests) -> ChunkStatistics:
+        return chunk_statistics(student_logits, self.lse, self.positions, self.shard, self.temperature, **requests)
 
     @classmethod
     def of(
@@ -227,11 +228,11 @@ class _CrossTokenizerInputs:
         if num_chunks is None:
             ids = [t.max() for t in (student_chunk_ids, teacher_chunk_ids) if t.numel()]
             num_chunks = int(torch.stack(ids).max()) + 1 if ids else 0
-        positions = ScoredPositions.of(student_chunk_ids, num_chunks)
         rows = chunk_rows(chunk_size, shard.local_size, student_logits.device)
+        positions = ScoredPositions.of(student_chunk_ids, num_chunks, rows)
         logits_2d = student_logits.reshape(-1, shard.local_size)
-        lse = scored_logsumexp(logits_2d.detach(), positions, shard, temperature, rows)
-        return cls(shard, positions, lse, rows, num_chunks)
+        lse = scored_logsumexp(logits_2d.detach(), positions, shard, temperature)
+        return cls(shard, positions, lse, rows, num_chunks, temperature)
 
 
 def _projection_rows(projection, shard: VocabShard, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
