@@ -24,6 +24,7 @@ from dense_reference import rel_err
 from megatron_mopd.crosstok.projection import ProjectionStats, VocabProjection
 from megatron_mopd.losses import gold_loss, projected_kl, topk_generalized_jsd
 from megatron_mopd.testing import run_on_ranks
+from megatron_mopd.testing.tokenizers import sentencepiece_bpe
 
 TP_SIZES = (1, 2, 4)
 VOCAB_SIZE, PADDED_VOCAB, TEACHER_VOCAB, K = 190, 256, 150, 8
@@ -207,14 +208,15 @@ def test_the_teacher_beta_is_used_and_losses_are_non_negative() -> None:
 
 @pytest.mark.parametrize("tail", ["tail", "renorm"])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_identity_projection_reduces_to_the_same_vocabulary_topk_jsd(tail: str, beta: float) -> None:
+def test_identical_tokenizers_reduce_to_the_same_vocabulary_topk_jsd(tail: str, beta: float) -> None:
+    """With the teacher's tokenizer equal to the student's, the projection built from them is the
+    identity, every token is its own chunk, and P-KL and GOLD equal the plain top-K JSD."""
+    tokenizer = sentencepiece_bpe()
+    identity = VocabProjection.build(tokenizer, tokenizer)
+    vocab = len(tokenizer)
     gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(2, 5, VOCAB_SIZE, generator=gen) * 2
-    teacher_logprobs, teacher_ids = torch.log_softmax(torch.randn(2, 5, VOCAB_SIZE, generator=gen) * 2, -1).topk(K, -1)
-    identity = VocabProjection(
-        torch.arange(VOCAB_SIZE)[:, None], torch.ones(VOCAB_SIZE, 1), torch.ones(VOCAB_SIZE, dtype=torch.bool),
-        VOCAB_SIZE, {}, "same", "same", ProjectionStats(VOCAB_SIZE, 0, 0, 0, 0),
-    )
+    logits = torch.randn(2, 5, vocab, generator=gen) * 2
+    teacher_logprobs, teacher_ids = torch.log_softmax(torch.randn(2, 5, vocab, generator=gen) * 2, -1).topk(K, -1)
     chunks = torch.arange(10).view(2, 5)
     same_vocab = topk_generalized_jsd(logits, teacher_logprobs, teacher_ids, beta=beta, temperature=2.0, tail=tail)
     for loss_fn in (projected_kl, gold_loss):
