@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 TokenizerKind = Literal["byte_level_bpe", "sentencepiece_bpe"]
 
