@@ -74,7 +74,7 @@ def tokenizer_dir(kind: TokenizerKind, vocab_size: int) -> Path:
     }
     if kind not in builders:
         raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of {sorted(builders)}")
-    target = _cache_root() / f"{kind}-{vocab_size}-{_corpus_key()}"
+    target = cache_root() / f"{kind}-{vocab_size}-{corpus_key()}"
     if not (target / "tokenizer.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -87,13 +87,15 @@ def tokenizer_dir(kind: TokenizerKind, vocab_size: int) -> Path:
     return target
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where trained tokenizers are kept: ``$MOPD_CACHE/tokenizers`` (default ``~/.cache/megatron_mopd``)."""
     root = os.environ.get("MOPD_CACHE") or Path.home() / ".cache" / "megatron_mopd"
     return Path(root) / "tokenizers"
 
 
 @functools.cache
-def _corpus_key() -> str:
+def corpus_key() -> str:
+    """A short digest of the training corpus and this file's settings: part of every cache name."""
     digest = hashlib.sha256(f"v2|{sys.version_info[:3]}".encode())
     for text in training_corpus():
         digest.update(text.encode("utf-8", errors="replace"))
