@@ -1,4 +1,5 @@
-"""Cross-tokenizer distillation (DESIGN.md §4): canonical token bytes, the vocabulary projection, span alignment."""
+"""Cross-tokenizer distillation (DESIGN.md §4): canonical token bytes, the vocabulary projection, span
+alignment, and the text and offsets of sampled ids."""
 
 from megatron_mopd.crosstok.alignment import (
     AlignmentError,
@@ -9,6 +10,7 @@ from megatron_mopd.crosstok.alignment import (
     align_texts,
 )
 from megatron_mopd.crosstok.canonical import CanonicalVocabulary, TokenConvention, vocabulary_fingerprint
+from megatron_mopd.crosstok.detokenize import decode_with_offsets
 from megatron_mopd.crosstok.projection import ProjectionShard, ProjectionStats, VocabProjection
 
 __all__ = [
@@ -18,6 +20,7 @@ __all__ = [
     "align_batch",
     "align_offsets",
     "align_texts",
+    "decode_with_offsets",
     "CanonicalVocabulary",
     "ProjectionShard",
     "ProjectionStats",
