@@ -22,6 +22,7 @@ setup(
         "safetensors>=0.4",
         "packaging>=24.2",
         "tqdm>=4.60",
+        "orjson>=3.8",
     ],
     entry_points={"console_scripts": ["mopd=megatron_mopd.cli:main"]},
     extras_require={

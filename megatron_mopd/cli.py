@@ -2,6 +2,8 @@
 
     mopd build-projection --student TOK --teacher TOK -o FILE [--beta --gamma --max-pieces --top-k
                           --reverse --no-special]
+    mopd serve-teacher --model DIR [--host --port --max-logprobs --served-model-name --delay-ms --dtype
+                       --device]
 """
 
 from __future__ import annotations
@@ -37,6 +39,23 @@ def _build_projection(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_teacher(args: argparse.Namespace) -> int:
+    from megatron_mopd.teachers.server import TeacherServer
+
+    logging.getLogger("megatron_mopd.teachers.server").setLevel(logging.INFO)
+    TeacherServer(
+        args.model,
+        args.host,
+        args.port,
+        max_logprobs=args.max_logprobs,
+        served_model_name=args.served_model_name,
+        delay_ms=args.delay_ms,
+        dtype=args.dtype,
+        device=args.device,
+    ).serve_forever()
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mopd", description="Multi-teacher on-policy distillation tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -60,6 +79,31 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--reverse", action="store_true", help="add the reverse pass (teacher -> student)")
     build.add_argument("--no-special", action="store_true", help="do not match special tokens by content")
     build.set_defaults(run=_build_projection)
+
+    serve = commands.add_parser(
+        "serve-teacher",
+        help="serve a Hugging Face causal LM as a teacher (vLLM /v1/completions and SGLang /generate subsets)",
+        description="Serve a local Hugging Face causal LM directory over HTTP with the subsets of the vLLM "
+        "and SGLang protocols that remote teachers use (prompt log-probabilities, top-K, generation), "
+        "with the same numbers as running the model in-process. Stops on SIGTERM or Ctrl-C.",
+    )
+    serve.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to bind, 0 for a free one (default 8000)")
+    serve.add_argument(
+        "--max-logprobs", type=int, default=20, metavar="K",
+        help="largest prompt_logprobs / top_logprobs_num a request may ask for (default 20)",
+    )
+    serve.add_argument(
+        "--served-model-name", metavar="NAME", help="model name in /v1/models and responses (default: --model)"
+    )
+    serve.add_argument(
+        "--delay-ms", type=float, default=0.0, metavar="MS",
+        help="latency added to each scoring/generation request, for overlap tests (default 0)",
+    )
+    serve.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="(default float32)")
+    serve.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default cpu)")
+    serve.set_defaults(run=_serve_teacher)
     return parser
 
 
