@@ -20,7 +20,8 @@ class TeacherLogprobs:
 
     Attributes:
         topk_logprobs: float32 ``[B, T-1, K]`` the teacher's K largest log-probabilities per row, most
-            probable first (raw: τ = 1); −inf only in rows that are not ``valid``.
+            probable first (raw: τ = 1); −inf in rows that are not ``valid`` and for entries of zero
+            probability (a teacher with fewer than K possible tokens).
         topk_ids: int64 ``[B, T-1, K]`` their token ids in the teacher's vocabulary (0 in invalid rows).
         token_logprobs: float32 ``[B, T-1]`` the log-probability of the actual next token.
         valid: bool ``[B, T-1]`` rows that exist (row j of sequence b needs j + 1 < len(sequence b)).

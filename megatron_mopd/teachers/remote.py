@@ -1,0 +1,451 @@
+"""``RemoteTeacher``: top-K prompt log-probabilities from vLLM or SGLang servers (DESIGN.md §5).
+
+``submit`` splits a batch into requests of at most ``max_sequences_per_request`` sequences and
+``max_tokens_per_request`` tokens and sends them from a thread pool: at most
+``max_in_flight_per_server`` per server, each to the usable server with the fewest outstanding
+requests. Every worker thread keeps one keep-alive connection per server. Each response is parsed
+(``protocols``) straight into the batch's arrays as it arrives; the returned future resolves once all
+have, or fails with the first error.
+
+Failures. Timeouts (``timeout_s`` per socket operation), connection errors, 5xx and 429 are retried
+``retries`` times with jittered exponential backoff (``backoff_s · 2^i · U(0.5, 1.5)``), on another
+server when there is one; a server that just failed is passed over for ``cooldown_s``. Other 4xx fail
+at once. Either way a ``TeacherRequestError`` names the server(s), the request size, the attempts and
+their causes. A response that does not match its request raises ``TeacherResponseError`` (not retried:
+the server answered, wrongly), naming the server, request, sequence, token position and the defect.
+
+Start-up (``check``, run by the constructor): ``GET /health`` on every server (servers failing it are
+left out until the next ``check``; none healthy is an error), the model name from ``GET /v1/models``
+(vLLM, when ``model`` is None), and a two-token probe asking for K on every healthy server: a vLLM 400
+about the logprob limit, or fewer than K entries, is a ``TeacherConfigError`` that says how to fix it.
+
+Text mode (cross-tokenizer teachers): ``submit_texts`` tokenizes with the teacher's fast tokenizer
+(special tokens as it adds them) and returns the teacher ids as ``sequences`` and their character
+``offsets``, for ``megatron_mopd.crosstok.align_offsets``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import re
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+from urllib.parse import urlsplit
+
+import numpy as np
+import orjson
+import torch
+
+from megatron_mopd.teachers.protocols import (
+    ProtocolName,
+    ResponseMismatch,
+    ScoredRows,
+    TeacherConfigError,
+    TeacherRequestError,
+    TeacherResponseError,
+    excerpt,
+    get_protocol,
+)
+from megatron_mopd.teachers.types import TeacherLogprobs
+
+_JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+_PROBE = ((0, 1),)  # two token ids every vocabulary has: one scored position
+_LOGPROB_LIMIT = re.compile(r"max\w*[ _-]?(allowed|logprobs)|logprobs?\b.{0,80}\bmax", re.IGNORECASE)
+_STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
+@dataclass(eq=False)
+class _Server:
+    url: str
+    https: bool
+    host: str
+    port: Optional[int]
+    base_path: str
+    enabled: bool = True
+    outstanding: int = 0
+    assigned: int = 0
+    down_until: float = 0.0
+
+    @classmethod
+    def from_url(cls, url: str) -> "_Server":
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"teacher server URL {url!r} must look like http://host:port")
+        return cls(url.rstrip("/"), parts.scheme == "https", parts.hostname, parts.port, parts.path.rstrip("/"))
+
+    def connection(self, timeout: float) -> http.client.HTTPConnection:
+        kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        return kind(self.host, self.port, timeout=timeout)
+
+
+class _Batch:
+    """The arrays of one submitted batch, filled request by request, and its future."""
+
+    def __init__(self, sequences: tuple[tuple[int, ...], ...], k: int, offsets: Optional[tuple[np.ndarray, ...]]):
+        self.sequences, self.offsets = sequences, offsets
+        rows = max(max((len(s) for s in sequences), default=0) - 1, 0)
+        self.topk_logprobs = np.full((len(sequences), rows, k), -np.inf, np.float32)
+        self.topk_ids = np.zeros((len(sequences), rows, k), np.int64)
+        self.token_logprobs = np.full((len(sequences), rows), -np.inf, np.float32)
+        self.valid = np.zeros((len(sequences), rows), bool)
+        self.future: Future[TeacherLogprobs] = Future()
+        self.future.set_running_or_notify_cancel()  # not cancellable: its requests are already queued
+        self._lock = threading.Lock()
+        self._pending = 0
+
+    def expect(self, requests: int) -> None:
+        self._pending = requests
+        if requests == 0:
+            self._finish()
+
+    def fill(self, indices: Sequence[int], rows: ScoredRows) -> None:
+        start = 0
+        for index in indices:
+            n = len(self.sequences[index]) - 1
+            self.topk_logprobs[index, :n] = rows.topk_logprobs[start:start + n]
+            self.topk_ids[index, :n] = rows.topk_ids[start:start + n]
+            self.token_logprobs[index, :n] = rows.token_logprobs[start:start + n]
+            self.valid[index, :n] = True
+            start += n
+        with self._lock:
+            self._pending -= 1
+            last = self._pending == 0
+        if last:
+            self._finish()
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            if not self.future.done():
+                self.future.set_exception(error)
+
+    def _finish(self) -> None:
+        result = TeacherLogprobs(
+            torch.from_numpy(self.topk_logprobs), torch.from_numpy(self.topk_ids),
+            torch.from_numpy(self.token_logprobs), torch.from_numpy(self.valid), self.sequences, self.offsets,
+        )
+        with self._lock:
+            if not self.future.done():
+                self.future.set_result(result)
+
+
+class RemoteTeacher:
+    """A ``TeacherSource`` served by one or more vLLM (``protocol="vllm"``) or SGLang servers.
+
+    Args:
+        urls: one base URL (``http://host:port``) or several, load-balanced.
+        protocol: ``"vllm"`` (``/v1/completions`` with ``prompt_logprobs``) or ``"sglang"`` (``/generate``).
+        topk: K, the number of (id, logprob) pairs kept per position.
+        model: the served model name (vLLM); None asks ``GET /v1/models``.
+        max_sequences_per_request, max_tokens_per_request: how a batch is split into requests (a longer
+            sequence goes alone).
+        max_in_flight_per_server: concurrent requests per server.
+        timeout_s: socket timeout of each request (connect, send, each wait for data).
+        retries, backoff_s: retries of a failed request, and the base of their exponential backoff.
+        tokenizer: the teacher's fast tokenizer, for ``submit_texts`` / ``score_texts``.
+        wait_for_servers_s: at start-up, keep polling ``/health`` this long until every server answers.
+    """
+
+    cooldown_s = 5.0  # a server that just failed a request is passed over this long when another is usable
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        protocol: ProtocolName = "vllm",
+        topk: int = 20,
+        *,
+        model: Optional[str] = None,
+        max_sequences_per_request: int = 64,
+        max_tokens_per_request: int = 16384,
+        max_in_flight_per_server: int = 4,
+        timeout_s: float = 300.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        tokenizer: Any = None,
+        wait_for_servers_s: float = 0.0,
+    ):
+        for name, value in (("topk", topk), ("max_sequences_per_request", max_sequences_per_request),
+                            ("max_tokens_per_request", max_tokens_per_request),
+                            ("max_in_flight_per_server", max_in_flight_per_server)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if timeout_s <= 0 or retries < 0 or backoff_s < 0:
+            raise ValueError(f"need timeout_s > 0, retries >= 0, backoff_s >= 0; got {timeout_s}, {retries}, "
+                             f"{backoff_s}")
+        if tokenizer is not None and not getattr(tokenizer, "is_fast", False):
+            raise ValueError("text mode needs a fast (Rust) tokenizer: it reads character offsets")
+        self.protocol = get_protocol(protocol)
+        self.topk, self.model, self.tokenizer = topk, model, tokenizer
+        self.max_sequences_per_request, self.max_tokens_per_request = max_sequences_per_request, max_tokens_per_request
+        self.max_in_flight_per_server = max_in_flight_per_server
+        self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self._servers = [_Server.from_url(url) for url in ([urls] if isinstance(urls, str) else urls)]
+        if not self._servers:
+            raise ValueError("no teacher server URL given")
+        self._cond = threading.Condition()
+        self._local = threading.local()
+        self._connections: list[http.client.HTTPConnection] = []
+        self._pool = ThreadPoolExecutor(max_in_flight_per_server * len(self._servers), "remote-teacher")
+        try:
+            self.check(wait_s=wait_for_servers_s)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- the TeacherSource interface -----------------------------------------------------------
+
+    def submit(self, sequences: Sequence[Sequence[int]]) -> "Future[TeacherLogprobs]":
+        """Start scoring token sequences (unpadded, teacher vocabulary); returns at once."""
+        return self._submit(_token_tuples(sequences), None)
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> TeacherLogprobs:
+        return self.submit(sequences).result()
+
+    def submit_texts(self, texts: Sequence[str]) -> "Future[TeacherLogprobs]":
+        """Tokenize with the teacher's tokenizer and start scoring; the result carries ids and offsets."""
+        if self.tokenizer is None:
+            raise ValueError("submit_texts needs RemoteTeacher(..., tokenizer=<the teacher's fast tokenizer>)")
+        encoded = self.tokenizer(list(texts), return_offsets_mapping=True)
+        offsets = tuple(np.asarray(o, np.int64).reshape(-1, 2) for o in encoded["offset_mapping"])
+        return self._submit(_token_tuples(encoded["input_ids"]), offsets)
+
+    def score_texts(self, texts: Sequence[str]) -> TeacherLogprobs:
+        return self.submit_texts(texts).result()
+
+    # ---- start-up and life cycle -----------------------------------------------------------------
+
+    @property
+    def healthy_urls(self) -> list[str]:
+        """The servers in use: those that passed the last ``check``."""
+        return [server.url for server in self._servers if server.enabled]
+
+    def check(self, wait_s: float = 0.0) -> None:
+        """Health-check every server, find the model name, and verify every healthy server serves top-K."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            causes = {server.url: self._health(server) for server in self._servers}
+            if all(cause is None for cause in causes.values()) or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.25, max(deadline - time.monotonic(), 0.0)))
+        with self._cond:
+            for server in self._servers:
+                server.enabled, server.down_until = causes[server.url] is None, 0.0
+        healthy = [server for server in self._servers if server.enabled]
+        if not healthy:
+            raise TeacherRequestError("no teacher server is healthy: " +
+                                      "; ".join(f"{url}/health: {cause}" for url, cause in causes.items()))
+        if self.protocol.name == "vllm" and self.model is None:
+            self.model = self._discover_model(healthy[0])
+        for server in healthy:
+            self._probe(server)
+
+    def close(self) -> None:
+        """Wait for the requests in flight, then close every connection."""
+        self._pool.shutdown(wait=True)
+        with self._cond:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
+
+    def __enter__(self) -> "RemoteTeacher":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"RemoteTeacher({self.healthy_urls}, protocol={self.protocol.name!r}, topk={self.topk}, "
+                f"model={self.model!r})")
+
+    def _health(self, server: _Server) -> Optional[str]:
+        try:
+            status, body = self._once(server, "GET", "/health", timeout=min(self.timeout_s, 30.0))
+        except (OSError, http.client.HTTPException) as exc:
+            return _describe(exc, min(self.timeout_s, 30.0))
+        return None if status == 200 else f"HTTP {status}: {excerpt(body)}"
+
+    def _discover_model(self, server: _Server) -> str:
+        try:
+            status, body = self._once(server, "GET", "/v1/models")
+            cause = f"HTTP {status}: {excerpt(body)}"
+            if status == 200:
+                return str(orjson.loads(body)["data"][0]["id"])
+        except (OSError, http.client.HTTPException) as exc:
+            cause = _describe(exc, self.timeout_s)
+        except (orjson.JSONDecodeError, LookupError, TypeError):
+            cause = f"unexpected body {excerpt(body)}"
+        raise TeacherConfigError(f"{server.url}/v1/models gave no model name ({cause}); pass "
+                                 "RemoteTeacher(..., model=<the served model name>)")
+
+    def _probe(self, server: _Server) -> None:
+        fix = (f"start vLLM with --max-logprobs >= {self.topk}, or lower topk" if self.protocol.name == "vllm"
+               else "lower topk to what the server returns")
+        where = f"{server.url}{self.protocol.path}"
+        try:
+            status, body = self._once(server, "POST", self.protocol.path,
+                                      self.protocol.request(_PROBE, self.topk, self.model))
+        except (OSError, http.client.HTTPException) as exc:
+            raise TeacherRequestError(f"{where}: the start-up probe (top-{self.topk}) failed: "
+                                      f"{_describe(exc, self.timeout_s)}") from None
+        if status == 200:
+            try:
+                self.protocol.parse(body, _PROBE, self.topk)
+            except ResponseMismatch as mismatch:
+                raise TeacherConfigError(f"{where} does not return top-{self.topk} log-probabilities "
+                                         f"({mismatch.what}): {fix}") from None
+            return
+        message = excerpt(body, 400)
+        if 400 <= status < 500 and _LOGPROB_LIMIT.search(message):
+            raise TeacherConfigError(f"{where} rejects top-{self.topk} log-probabilities (HTTP {status}: "
+                                     f"{message}): {fix}")
+        raise TeacherRequestError(f"{where}: the start-up probe (top-{self.topk}) got HTTP {status}: {message}")
+
+    # ---- requests --------------------------------------------------------------------------------
+
+    def _submit(self, sequences: tuple[tuple[int, ...], ...],
+                offsets: Optional[tuple[np.ndarray, ...]]) -> "Future[TeacherLogprobs]":
+        batch = _Batch(sequences, self.topk, offsets)
+        requests = self._split(sequences)
+        batch.expect(len(requests))
+        for indices in requests:
+            self._pool.submit(self._score_request, batch, indices)
+        return batch.future
+
+    def _split(self, sequences: tuple[tuple[int, ...], ...]) -> list[list[int]]:
+        """Indices of the sequences with something to score (≥ 2 tokens), grouped into requests in order."""
+        requests: list[list[int]] = []
+        current: list[int] = []
+        tokens = 0
+        for index, sequence in enumerate(sequences):
+            if len(sequence) < 2:
+                continue
+            if current and (len(current) == self.max_sequences_per_request
+                            or tokens + len(sequence) > self.max_tokens_per_request):
+                requests.append(current)
+                current, tokens = [], 0
+            current.append(index)
+            tokens += len(sequence)
+        return requests + [current] if current else requests
+
+    def _score_request(self, batch: _Batch, indices: list[int]) -> None:
+        if batch.future.done():  # an earlier request of this batch failed
+            return
+        try:
+            sequences = [batch.sequences[i] for i in indices]
+            size = f"{len(sequences)} sequences / {sum(map(len, sequences))} tokens"
+            server, body = self._post(self.protocol.request(sequences, self.topk, self.model), size)
+            try:
+                rows = self.protocol.parse(body, sequences, self.topk)
+            except ResponseMismatch as mismatch:
+                where = ("" if mismatch.sequence is None else
+                         f"sequence {indices[mismatch.sequence]} (item {mismatch.sequence} of the request)"
+                         + ("" if mismatch.position is None else f", token position {mismatch.position}") + ": ")
+                raise TeacherResponseError(f"{server.url}{self.protocol.path}: bad response to a request of "
+                                           f"{size}: {where}{mismatch.what}") from None
+            batch.fill(indices, rows)
+        except BaseException as error:
+            batch.fail(error)
+
+    def _post(self, body: bytes, size: str) -> tuple[_Server, bytes]:
+        """POST one scoring request with retries; returns the server that answered and its body."""
+        causes: list[str] = []
+        server: Optional[_Server] = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+            server = self._acquire(avoid=server)
+            status, cause, reply = None, None, b""
+            try:
+                status, reply = self._exchange(server, body)
+                if not 200 <= status < 300:
+                    cause = f"HTTP {status}: {excerpt(reply)}"
+            except (OSError, http.client.HTTPException) as exc:
+                cause = _describe(exc, self.timeout_s)
+            finally:
+                self._release(server, failed=status is None or status >= 500 or status == 429)
+            if cause is None:
+                return server, reply
+            if status is not None and status < 500 and status != 429:
+                raise TeacherRequestError(f"{server.url}{self.protocol.path} refused a request of {size}: {cause} "
+                                          "(client errors are not retried)")
+            causes.append(f"attempt {attempt + 1} at {server.url}: {cause}")
+        raise TeacherRequestError(f"a request of {size} to {self.protocol.path} failed after {self.retries + 1} "
+                                  f"attempts: " + "; ".join(causes))
+
+    def _acquire(self, avoid: Optional[_Server]) -> _Server:
+        """A slot on the usable server with the fewest outstanding requests (blocks while all are full)."""
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                enabled = [s for s in self._servers if s.enabled]
+                others = [s for s in enabled if s is not avoid]
+                usable = [s for s in others if s.down_until <= now] or others or enabled
+                free = [s for s in usable if s.outstanding < self.max_in_flight_per_server]
+                if free:
+                    server = min(free, key=lambda s: (s.outstanding, s.assigned))
+                    server.outstanding += 1
+                    server.assigned += 1
+                    return server
+                self._cond.wait()
+
+    def _release(self, server: _Server, failed: bool) -> None:
+        with self._cond:
+            server.outstanding -= 1
+            if failed:
+                server.down_until = time.monotonic() + self.cooldown_s
+            self._cond.notify_all()
+
+    def _exchange(self, server: _Server, body: bytes, fresh: bool = False) -> tuple[int, bytes]:
+        """POST on this thread's keep-alive connection to ``server``; a stale one is replaced once."""
+        connections: dict[str, http.client.HTTPConnection] = self._local.__dict__.setdefault("connections", {})
+        connection = None if fresh else connections.get(server.url)
+        reused = connection is not None
+        if connection is None:
+            connection = connections[server.url] = server.connection(self.timeout_s)
+            with self._cond:
+                self._connections.append(connection)
+        try:
+            connection.request("POST", server.base_path + self.protocol.path, body=body, headers=_JSON_HEADERS)
+            response = connection.getresponse()
+            reply = response.read()
+        except BaseException as exc:
+            connection.close()
+            connections.pop(server.url, None)
+            if reused and isinstance(exc, _STALE_CONNECTION):
+                return self._exchange(server, body, fresh=True)
+            raise
+        if response.will_close:
+            connection.close()
+            connections.pop(server.url, None)
+        return response.status, reply
+
+    def _once(self, server: _Server, method: str, path: str, body: Optional[bytes] = None,
+              timeout: Optional[float] = None) -> tuple[int, bytes]:
+        """One request on a fresh connection (start-up checks)."""
+        connection = server.connection(self.timeout_s if timeout is None else timeout)
+        try:
+            connection.request(method, server.base_path + path, body=body, headers=_JSON_HEADERS if body else {})
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+
+def _token_tuples(sequences: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
+    """Token-id sequences (lists, tuples, 1-D arrays or tensors) as tuples of Python ints, checked."""
+    result = []
+    for index, sequence in enumerate(sequences):
+        ids = tuple(map(int, sequence.tolist() if hasattr(sequence, "tolist") else sequence))
+        if ids and min(ids) < 0:
+            raise ValueError(f"sequence {index} holds a negative token id ({min(ids)}); pass unpadded sequences")
+        result.append(ids)
+    return tuple(result)
+
+
+def _describe(exc: BaseException, timeout_s: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"timed out (no data for {timeout_s:g} s)"
+    return f"{type(exc).__name__}: {exc}"
