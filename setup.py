@@ -23,6 +23,8 @@ setup(
         "packaging>=24.2",
         "tqdm>=4.60",
         "orjson>=3.8",
+        # megatron.core.dist_checkpointing (colocated teachers' checkpoints) needs it at save time
+        "psutil>=5.9",
     ],
     entry_points={"console_scripts": ["mopd=megatron_mopd.cli:main"]},
     extras_require={

@@ -22,26 +22,19 @@ from typing import Callable, Iterator, Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_mopd.parallel import destroy_parallel, initialize_parallel
 from megatron_mopd.testing import run_on_ranks
+from megatron_mopd.testing.gpt import TinyGPT
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="CPU mode runs only on hosts without an accelerator"
 )
 
 SEED = 1234
-VOCAB_SIZE, MAKE_VOCAB_SIZE_DIVISIBLE_BY = 100, 64
-NUM_LAYERS, HIDDEN, HEADS, QUERY_GROUPS, FFN_HIDDEN = 2, 64, 4, 2, 128
-SEQ_LEN, MICRO_BATCH, NUM_MICROBATCHES, STEPS, LR = 32, 2, 4, 8, 1e-2
-INIT_STD = 0.02
-
-
-def padded_vocab_size(tp: int) -> int:
-    """Megatron-LM's rule: pad the vocabulary to a multiple of make_vocab_size_divisible_by * TP."""
-    multiple = MAKE_VOCAB_SIZE_DIVISIBLE_BY * tp
-    return math.ceil(VOCAB_SIZE / multiple) * multiple
+TINY_GPT = TinyGPT()
+VOCAB_SIZE, NUM_LAYERS, SEQ_LEN = TINY_GPT.vocab_size, TINY_GPT.num_layers, TINY_GPT.max_sequence_length
+MICRO_BATCH, NUM_MICROBATCHES, STEPS, LR = 2, 4, 8, 1e-2
 
 
 def global_batch(step: int) -> list[dict[str, torch.Tensor]]:
@@ -81,42 +74,6 @@ def forward_step(
     return output, partial(loss_func, batch["loss_mask"])
 
 
-def build_model(tp: int, pp: int) -> torch.nn.Module:
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-
-    config = TransformerConfig(
-        num_layers=NUM_LAYERS,
-        hidden_size=HIDDEN,
-        num_attention_heads=HEADS,
-        num_query_groups=QUERY_GROUPS,
-        ffn_hidden_size=FFN_HIDDEN,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        pipeline_dtype=torch.float32,
-    )
-    return GPTModel(
-        config,
-        get_gpt_layer_local_spec(normalization="RMSNorm"),
-        vocab_size=padded_vocab_size(tp),
-        max_sequence_length=SEQ_LEN,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=True,
-        position_embedding_type="rope",
-    )
-
-
 def load_layout_independent_weights(model: torch.nn.Module, tp: int, pp: int) -> None:
     """Give every matrix this rank's slice of a full matrix drawn from a seed of its global name.
 
@@ -139,7 +96,7 @@ def load_layout_independent_weights(model: torch.nn.Module, tp: int, pp: int) ->
             if sharded:
                 shape[param.partition_dim] *= tp
             gen = torch.Generator().manual_seed(zlib.crc32(global_name.encode()))
-            full = torch.randn(shape, generator=gen) * INIT_STD
+            full = torch.randn(shape, generator=gen) * TINY_GPT.init_method_std
             if sharded:  # Megatron's split: tp * stride chunks, rank r takes chunks r, r + tp, ...
                 chunks = full.chunk(tp * param.partition_stride, dim=param.partition_dim)
                 full = torch.cat(chunks[tp_rank::tp], dim=param.partition_dim)
@@ -161,7 +118,7 @@ def train(tp: int, pp: int) -> Optional[list[float]]:
     torch.set_num_threads(1)
     initialize_parallel(tp, pp, device="cpu", seed=SEED)
     try:
-        model = build_model(tp, pp)
+        model = TINY_GPT.build(tp, pp)
         load_layout_independent_weights(model, tp, pp)
         config = model.config
         ddp_model = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
@@ -212,13 +169,13 @@ def reference_losses() -> list[float]:
 
 
 def test_padded_vocabulary_is_the_same_at_tp1_and_tp2() -> None:
-    assert padded_vocab_size(1) == padded_vocab_size(2) == 128
+    assert TINY_GPT.padded_vocab_size(1) == TINY_GPT.padded_vocab_size(2) == 128
 
 
 def test_loss_decreases_at_tp1(reference_losses: list[float]) -> None:
     assert len(reference_losses) == STEPS
     # Untrained (small weights): about uniform over the padded vocabulary, padding included.
-    assert reference_losses[0] == pytest.approx(math.log(padded_vocab_size(1)), rel=0.05)
+    assert reference_losses[0] == pytest.approx(math.log(TINY_GPT.padded_vocab_size(1)), rel=0.05)
     assert reference_losses[-1] < reference_losses[0] - 1.0, str(reference_losses)  # nats
 
 
