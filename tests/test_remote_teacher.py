@@ -10,10 +10,6 @@ the real formats from a deterministic bigram model, scripted faults), the record
 from __future__ import annotations
 
 import json
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -358,41 +354,24 @@ def test_submit_early_overlaps_teacher_latency_with_student_compute():
 
 # ---- against the reference server (a real HF model) --------------------------------------------
 
-REFERENCE_SERVER = Path(__file__).parents[1] / "megatron_mopd" / "teachers" / "server.py"
-
-
 @pytest.fixture(scope="module")
 def reference_server(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from megatron_mopd.testing.models import tiny_causal_lm_dir
+    from megatron_mopd.testing.server_process import teacher_server_process
 
     model_dir = tiny_causal_lm_dir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log_path = tmp_path_factory.mktemp("reference_server") / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "megatron_mopd.teachers.server", "--model", str(model_dir), "--port", str(port),
-             "--max-logprobs", "8"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield f"http://127.0.0.1:{port}", AutoModelForCausalLM.from_pretrained(model_dir).eval(), process, log_path
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+    with teacher_server_process(model_dir, "--max-logprobs", "8", log_path=log_path) as running:
+        yield running, AutoModelForCausalLM.from_pretrained(model_dir).eval()
 
 
-@pytest.mark.skipif(not REFERENCE_SERVER.exists(), reason="the reference teacher server is not there yet")
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_reference_server_matches_the_model_in_process(reference_server, protocol):
-    url, model, process, log_path = reference_server
-    try:
-        teacher = RemoteTeacher(url, protocol, topk=8, max_sequences_per_request=2, wait_for_servers_s=120, **FAST)
-    except Exception:
-        if process.poll() is not None:
-            pytest.fail(f"the reference server exited:\n{log_path.read_text()}")
-        raise
+    server, model = reference_server
+    url = server.url
+    teacher = RemoteTeacher(url, protocol, topk=8, max_sequences_per_request=2, **FAST)
     sequences = random_sequences(5, 2000, seed=11, lengths=(2, 24))
     with teacher:
         out = teacher.score(sequences)

@@ -8,11 +8,6 @@ and ``model.generate`` of the same directory loaded here.
 
 from __future__ import annotations
 
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megatron_mopd.teachers.server import TeacherServer
 from megatron_mopd.testing.models import tiny_causal_lm_dir
+from megatron_mopd.testing.server_process import teacher_server_process
 
 MAX_LOGPROBS = 8
 NAME = "tiny-teacher"
@@ -52,32 +48,12 @@ def prompts(reference) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "megatron_mopd.teachers.server", "--model", str(model_dir), "--port", str(port),
-             "--max-logprobs", str(MAX_LOGPROBS), "--served-model-name", NAME],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if _get(url, "/health")[0] == 200:
-                break
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the teacher server did not start:\n{log_path.read_text()}")
-        time.sleep(0.1)
-    yield url
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 0, log_path.read_text()
-    assert "POST /v1/completions 200" in log_path.read_text()  # one INFO line per request
+    flags = ("--max-logprobs", str(MAX_LOGPROBS), "--served-model-name", NAME)
+    with teacher_server_process(model_dir, *flags, log_path=log_path) as running:
+        yield running.url
+    assert running.process.returncode == 0, running.log()  # SIGTERM ends it cleanly
+    assert "POST /v1/completions 200" in running.log()  # one INFO line per request
 
 
 def _request(url: str, path: str, data: Optional[bytes] = None) -> tuple[int, bytes]:

@@ -26,11 +26,7 @@ import contextlib
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -42,6 +38,8 @@ from tqdm import tqdm
 
 from megatron_mopd.teachers import RemoteTeacher
 from megatron_mopd.teachers.protocols import get_protocol
+from megatron_mopd.testing.models import tiny_causal_lm_dir
+from megatron_mopd.testing.server_process import teacher_server_process
 from megatron_mopd.testing.canned_server import (
     BigramModel,
     CannedServer,
@@ -100,20 +98,9 @@ def _entries(body: bytes, protocol: str) -> int:
 @contextlib.contextmanager
 def reference_server(k: int, delay_ms: float = 0.0) -> Iterator[str]:
     """The reference teacher server (tiny model) in a subprocess; yields its URL."""
-    from megatron_mopd.testing.models import tiny_causal_lm_dir
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "megatron_mopd.teachers.server", "--model", str(tiny_causal_lm_dir()),
-         "--port", str(port), "--max-logprobs", str(k), "--delay-ms", str(delay_ms)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+    flags = ("--max-logprobs", str(k), "--delay-ms", str(delay_ms))
+    with teacher_server_process(tiny_causal_lm_dir(), *flags) as server:
+        yield server.url
 
 
 def bench_end_to_end(args: argparse.Namespace) -> list[dict]:
