@@ -112,10 +112,16 @@ def fetch_on_rank(tp: int, pp: int, cp: int) -> dict[str, Any]:
         calls_before_wait = len(source.calls)
         overlapped = pending.wait()
         try:
-            fetch_teacher_scores(FailingTeacher(), mine)
+            fetch_teacher_scores(FailingTeacher(), mine, seq_length=SEQ_LENGTH)
             error = None
         except Exception as caught:  # noqa: BLE001 - the message is the result
             error = f"{type(caught).__name__}: {caught}"
+        missing_seq_length = None
+        if cp > 1:
+            try:
+                submit_teacher_scores(source, mine)
+            except ValueError as caught:
+                missing_seq_length = str(caught)
 
         full = deterministic_scores(mine)
         padded = {}  # the full scores with invalid rows up to SEQ_LENGTH
@@ -136,6 +142,7 @@ def fetch_on_rank(tp: int, pp: int, cp: int) -> dict[str, Any]:
             "expected": get_batch_on_this_cp_rank(padded),
             "full_offsets": full.offsets,
             "error": error,
+            "missing_seq_length": missing_seq_length,
         }
     finally:
         destroy_parallel()
@@ -202,3 +209,9 @@ def test_a_failing_source_raises_on_every_rank_of_the_group(layout: str) -> None
             assert result["error"] == "ConnectionError: teacher server unreachable"
         else:
             assert result["error"].startswith("RuntimeError: the teacher fetch") and "unreachable" in result["error"]
+
+
+def test_context_parallelism_needs_the_student_sequence_length() -> None:
+    """Without S the teacher's rows cannot be split like the student's tokens: every rank refuses."""
+    for result in run_layout("cp2"):
+        assert "pass seq_length=S" in result["missing_seq_length"]

@@ -74,6 +74,11 @@ class ColocatedTeacher:
             )
         if parallel_state.get_context_parallel_world_size() > 1:
             raise ValueError("the colocated teacher does not support context parallelism")
+        if (parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1) > 1:
+            raise ValueError(
+                "the colocated teacher does not support virtual (interleaved) pipeline stages: run it "
+                "with a plain pipeline layout"
+            )
         if not 1 <= topk <= vocab_size:
             raise ValueError(f"topk must be in [1, vocab_size={vocab_size}], got {topk}")
         if micro_batch_size < 1:

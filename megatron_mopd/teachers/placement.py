@@ -108,11 +108,16 @@ def submit_teacher_scores(
         sequences: this data-parallel rank's token sequences (its micro-batches of the step).
         seq_length: the student's sequence length S (tokens per row of its batch): the teacher's
             rows (row j = token j+1) are padded with invalid rows to S so that they line up with the
-            student's logits, then sliced for context parallelism. Default: the rows as the source
-            returns them (their count must then be divisible by 2·cp when cp > 1).
+            student's logits, then sliced for context parallelism as Megatron slices the S tokens.
+            Required with context parallelism; without it, the rows as the source returns them.
     """
     from megatron.core import parallel_state
 
+    if seq_length is None and parallel_state.get_context_parallel_world_size() > 1:
+        raise ValueError(
+            "with context parallelism pass seq_length=S, the student's sequence length: the teacher's rows "
+            "must be padded to S before they are split the way Megatron splits the S tokens"
+        )
     needed = parallel_state.is_pipeline_last_stage()
     future = None
     if needed and parallel_state.get_tensor_and_context_parallel_rank() == 0:

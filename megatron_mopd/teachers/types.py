@@ -23,7 +23,9 @@ class TeacherLogprobs:
             probable first (raw: τ = 1); −inf in rows that are not ``valid`` and for entries of zero
             probability (a teacher with fewer than K possible tokens).
         topk_ids: int64 ``[B, T-1, K]`` their token ids in the teacher's vocabulary (0 in invalid rows).
-        token_logprobs: float32 ``[B, T-1]`` the log-probability of the actual next token.
+        token_logprobs: float32 ``[B, T-1]`` the log-probability of the actual next token: 0 in invalid
+            rows (so masked sums stay finite); −inf in a valid row when the teacher gives that token
+            probability 0 (a consumer that takes its log-ratio must clamp or mask it).
         valid: bool ``[B, T-1]`` rows that exist (row j of sequence b needs j + 1 < len(sequence b)).
         sequences: the teacher-vocabulary token ids that were scored, one list per sequence.
         offsets: for text-mode (cross-tokenizer) scoring, the character offsets ``[n_b, 2]`` of each
