@@ -4,6 +4,7 @@
                           --reverse --no-special]
     mopd serve-teacher --model DIR [--host --port --max-logprobs --served-model-name --delay-ms --dtype
                        --device]
+    mopd demo [--steps --tp --pp --topk --beta --teacher-url ...]   (see megatron_mopd/demo.py)
 """
 
 from __future__ import annotations
@@ -104,6 +105,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="(default float32)")
     serve.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default cpu)")
     serve.set_defaults(run=_serve_teacher)
+
+    from megatron_mopd import demo
+
+    demo_parser = commands.add_parser(
+        "demo",
+        help="CPU demo: distill the reference teacher into a Megatron-Core student (embedded default)",
+        description=demo.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(run=demo.run)
     return parser
 
 

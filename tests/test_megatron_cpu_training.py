@@ -16,7 +16,6 @@ current one), so:
 from __future__ import annotations
 
 import math
-import zlib
 from functools import partial
 from typing import Callable, Iterator, Optional
 
@@ -74,35 +73,6 @@ def forward_step(
     return output, partial(loss_func, batch["loss_mask"])
 
 
-def load_layout_independent_weights(model: torch.nn.Module, tp: int, pp: int) -> None:
-    """Give every matrix this rank's slice of a full matrix drawn from a seed of its global name.
-
-    Vectors keep Megatron's initialization (norm weights 1, biases 0), which is layout-independent.
-    """
-    from megatron.core import parallel_state
-
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    layer_offset = parallel_state.get_pipeline_model_parallel_rank() * NUM_LAYERS // pp
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() < 2:
-                continue
-            parts = name.split(".")
-            if parts[:2] == ["decoder", "layers"]:
-                parts[2] = str(int(parts[2]) + layer_offset)
-            global_name = ".".join(parts).replace("output_layer.weight", "embedding.word_embeddings.weight")
-            shape = list(param.shape)
-            sharded = getattr(param, "tensor_model_parallel", False)
-            if sharded:
-                shape[param.partition_dim] *= tp
-            gen = torch.Generator().manual_seed(zlib.crc32(global_name.encode()))
-            full = torch.randn(shape, generator=gen) * TINY_GPT.init_method_std
-            if sharded:  # Megatron's split: tp * stride chunks, rank r takes chunks r, r + tp, ...
-                chunks = full.chunk(tp * param.partition_stride, dim=param.partition_dim)
-                full = torch.cat(chunks[tp_rank::tp], dim=param.partition_dim)
-            param.copy_(full)
-
-
 def train(tp: int, pp: int) -> Optional[list[float]]:
     """Train on this rank; return the per-step losses of this DP rank's micro-batches on the last
     pipeline stage of TP rank 0, None elsewhere."""
@@ -119,7 +89,7 @@ def train(tp: int, pp: int) -> Optional[list[float]]:
     initialize_parallel(tp, pp, device="cpu", seed=SEED)
     try:
         model = TINY_GPT.build(tp, pp)
-        load_layout_independent_weights(model, tp, pp)
+        TINY_GPT.load_layout_independent_weights(model, tp, pp)
         config = model.config
         ddp_model = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
         optimizer = get_megatron_optimizer(

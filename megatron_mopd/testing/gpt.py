@@ -11,6 +11,7 @@ so checkpoints and logits line up across those layouts.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,3 +87,32 @@ class TinyGPT:
             post_process=parallel_state.is_pipeline_last_stage(),
             **self.gpt_model_kwargs(),
         )
+
+    def load_layout_independent_weights(self, model: torch.nn.Module, tp: int, pp: int) -> None:
+        """Give every matrix this rank's slice of a full matrix drawn from a seed of its global name,
+        so that the model is the same function at every TP/PP layout.
+
+        Vectors keep Megatron's initialization (norm weights 1, biases 0), which is layout-independent.
+        """
+        from megatron.core import parallel_state
+
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        layer_offset = parallel_state.get_pipeline_model_parallel_rank() * self.num_layers // pp
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.dim() < 2:
+                    continue
+                parts = name.split(".")
+                if parts[:2] == ["decoder", "layers"]:
+                    parts[2] = str(int(parts[2]) + layer_offset)
+                global_name = ".".join(parts).replace("output_layer.weight", "embedding.word_embeddings.weight")
+                shape = list(param.shape)
+                sharded = getattr(param, "tensor_model_parallel", False)
+                if sharded:
+                    shape[param.partition_dim] *= tp
+                gen = torch.Generator().manual_seed(zlib.crc32(global_name.encode()))
+                full = torch.randn(shape, generator=gen) * self.init_method_std
+                if sharded:  # Megatron's split: tp * stride chunks, rank r takes chunks r, r + tp, ...
+                    chunks = full.chunk(tp * param.partition_stride, dim=param.partition_dim)
+                    full = torch.cat(chunks[tp_rank::tp], dim=param.partition_dim)
+                param.copy_(full)
