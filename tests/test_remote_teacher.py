@@ -9,8 +9,10 @@ the real formats from a deterministic bigram model, scripted faults), the record
 
 from __future__ import annotations
 
+import gc
 import json
 import time
+from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +28,14 @@ from megatron_mopd.teachers import (
     TeacherRequestError,
     TeacherResponseError,
 )
-from megatron_mopd.teachers.protocols import get_protocol
-from megatron_mopd.testing.canned_server import CannedServer, simulated_training_loop
+from megatron_mopd.teachers.protocols import ResponseMismatch, _gc_paused, get_protocol
+from megatron_mopd.testing.canned_server import (
+    BigramModel,
+    CannedServer,
+    sglang_generate_body,
+    simulated_training_loop,
+    vllm_completion_body,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PROTOCOLS = ["vllm", "sglang"]
@@ -53,11 +61,12 @@ def recorded(protocol: str) -> tuple[bytes, list[list[int]], int]:
 
 
 def expected_scores(server: CannedServer, sequences: list[list[int]], k: int) -> TeacherLogprobs:
-    """What a correct client returns for ``sequences``, from the canned server's model directly."""
+    """What a correct client returns for ``sequences``, from the canned server's model directly (invalid
+    rows: −inf top-K log-probabilities, id 0, token log-probability 0.0, as the colocated teacher's)."""
     rows = max(len(s) for s in sequences) - 1
     topk_logprobs = torch.full((len(sequences), rows, k), NEG_INF)
     topk_ids = torch.zeros((len(sequences), rows, k), dtype=torch.int64)
-    token_logprobs = torch.full((len(sequences), rows), NEG_INF)
+    token_logprobs = torch.zeros((len(sequences), rows))
     valid = torch.zeros((len(sequences), rows), dtype=torch.bool)
     for b, tokens in enumerate(sequences):
         if len(tokens) < 2:
@@ -81,11 +90,12 @@ def random_sequences(count: int, vocab: int, seed: int, lengths=(1, 40)) -> list
     return [rng.integers(0, vocab, rng.integers(*lengths, endpoint=True)).tolist() for _ in range(count)]
 
 
-def greedy(server: CannedServer, start: int, length: int) -> list[int]:
+def greedy(server: CannedServer | BigramModel, start: int, length: int) -> list[int]:
     """A sequence whose every actual token is the most probable one (vLLM sends K entries, not K+1)."""
+    model = server.model if isinstance(server, CannedServer) else server
     tokens = [start]
     while len(tokens) < length:
-        tokens.append(int(np.argmax(server.model.table[tokens[-1]])))
+        tokens.append(int(np.argmax(model.table[tokens[-1]])))
     return tokens
 
 
@@ -113,7 +123,7 @@ def test_recorded_bodies_through_http(protocol):
     assert out.valid.tolist() == [[True, True, True], [True, True, False]]
     assert out.topk_ids[0].tolist() == RECORDED_IDS[:3] and out.topk_ids[1, :2].tolist() == RECORDED_IDS[3:]
     assert torch.equal(out.topk_logprobs[1, :2], torch.tensor(RECORDED_LOGPROBS[3:], dtype=torch.float32))
-    assert out.token_logprobs[1].tolist() == [np.float32(np.log(0.9)), NEG_INF, NEG_INF]
+    assert out.token_logprobs[1].tolist() == [np.float32(np.log(0.9)), NEG_INF, 0.0]  # valid −inf; invalid 0
     assert torch.all(out.topk_logprobs[1, 2] == NEG_INF) and torch.all(out.topk_ids[1, 2] == 0)
 
 
@@ -123,6 +133,211 @@ def test_vllm_choices_are_matched_by_index():
     doc["choices"].reverse()
     rows = get_protocol("vllm").parse(orjson.dumps(doc), prompts, k)
     np.testing.assert_array_equal(rows.topk_ids, RECORDED_IDS)
+
+
+# ---- what a valid row must hold ----------------------------------------------------------------
+
+MODEL = BigramModel()  # the canned server's model (vocabulary 256, the last 4 ids impossible)
+K = 3
+# Sequence 0, position 2 (row 1) scores token 3 given 2: outside the top 3, so vLLM sends K + 1 entries
+# there; sequence 1 is greedy, so every vLLM position of it has K entries.
+SEQUENCES = [[1, 2, 3, 4, 5], greedy(MODEL, 9, 4)]
+
+
+def body_for(protocol: str, sequences=SEQUENCES, k: int = K):
+    return (vllm_completion_body(MODEL, sequences, k) if protocol == "vllm" else
+            sglang_generate_body(MODEL, sequences, k))
+
+
+def vllm_position(body: dict, sequence: int = 0, position: int = 2) -> dict:
+    return body["choices"][sequence]["prompt_logprobs"][position]
+
+
+def sglang_top(body: list, sequence: int = 0, position: int = 2) -> list:
+    return body[sequence]["meta_info"]["input_top_logprobs"][position]
+
+
+def by_rank(position: dict, rank: int, actual: int = 3) -> str:
+    return next(key for key, entry in position.items() if entry["rank"] == rank and key != str(actual))
+
+
+def rename(position: dict, old: str, new: str) -> None:
+    position[new] = position.pop(old)
+
+
+def set_all(position: dict, field: str, value) -> None:
+    for entry in position.values():
+        entry[field] = value
+
+
+def test_the_chosen_positions_are_what_the_cases_below_assume():
+    assert len(vllm_position(body_for("vllm"))) == K + 1 and vllm_position(body_for("vllm"))["3"]["rank"] > K
+    assert all(len(p) == K for p in body_for("vllm")["choices"][1]["prompt_logprobs"][1:])
+
+
+def _drop_top1(body):
+    del vllm_position(body)[by_rank(vllm_position(body), 1)]
+
+
+def _swap_in_rank9(body):
+    position = vllm_position(body)
+    del position[by_rank(position, 3)]
+    position["200"] = {"logprob": -20.0, "rank": 9, "decoded_token": None}
+
+
+def _duplicate_key(body):
+    position = vllm_position(body)
+    rename(position, by_rank(position, 2), "0" + by_rank(position, 1))  # "07" next to "7"
+
+
+def _rename_top(rank: int, new):
+    """A mutation: the key of the rank-``rank`` entry of sequence 0, position 2 → ``new(old key)``."""
+    return lambda body: rename(vllm_position(body), by_rank(vllm_position(body), rank),
+                               new(by_rank(vllm_position(body), rank)))
+
+
+def _vllm_update(key: str, sequence: int = 0, position: int = 2, **fields):
+    return lambda body: vllm_position(body, sequence, position)[key].update(fields)
+
+
+def _vllm_set_all(field: str, value):
+    return lambda body: set_all(vllm_position(body), field, value)
+
+
+def _top_set(field: int, value, entry: int = 0):
+    """A mutation: element ``field`` (0 logprob, 1 id) of top entry ``entry``, sequence 0 position 2."""
+    def mutate(body):
+        sglang_top(body)[entry][field] = value
+    return mutate
+
+
+def _token_set(field: int, value, sequence: int = 0, position: int = 2):
+    def mutate(body):
+        body[sequence]["meta_info"]["input_token_logprobs"][position][field] = value
+    return mutate
+
+
+def _sglang_duplicate(body):
+    sglang_top(body)[1][1] = sglang_top(body)[0][1]
+
+
+def _sglang_all_null(body):
+    for entry in sglang_top(body):
+        entry[0] = None
+
+
+def _sglang_first_top_junk(body):
+    body[0]["meta_info"]["input_top_logprobs"][0] = "junk"
+
+
+DEFECTIVE_BODIES = {
+    # name: (protocol, mutate(body), (sequence, position), message)
+    "vllm top-1 missing, K entries": ("vllm", _drop_top1, (0, 2), r"the actual token 3 has rank \d+ > 3 but only 3 "
+                                                                  r"entries came: one of the top 3 is missing"),
+    "vllm a rank-9 entry for a top one": ("vllm", _swap_in_rank9, (0, 2), r"token 200 has rank 9 > 3 but is not the "
+                                                                          r"actual token \(3\): one of the top 3 is "
+                                                                          r"missing"),
+    "vllm greedy position, actual rank > K": ("vllm", _vllm_update(str(SEQUENCES[1][3]), 1, 3, rank=7), (1, 3),
+                                              rf"the actual token {SEQUENCES[1][3]} has rank 7 > 3 but only 3"),
+    "vllm key with a space": ("vllm", _rename_top(1, lambda key: " " + key), (0, 2), r"key ' \d+' is not a token id"),
+    "vllm key with a sign": ("vllm", _rename_top(1, lambda key: "+" + key), (0, 2), r"key '\+\d+' is not a token id"),
+    "vllm key with an underscore": ("vllm", _rename_top(1, lambda key: "1_4"), (0, 2), r"key '1_4' is not a token id"),
+    "vllm key of non-ASCII digits": ("vllm", lambda body: rename(vllm_position(body), "3", "\u0663"), (0, 2),
+                                     "key '\u0663' is not a token id"),
+    "vllm empty key": ("vllm", _rename_top(2, lambda key: ""), (0, 2), r"key '' is not a token id"),
+    "vllm duplicate id (07 and 7)": ("vllm", _duplicate_key, (0, 2), r"token \d+ appears twice in one position"),
+    "vllm true logprob": ("vllm", _vllm_set_all("logprob", True), (0, 2), r"token \d+: .* has no numeric 'logprob'"),
+    "vllm false logprob": ("vllm", _vllm_update("3", logprob=False), (0, 2), r"token 3: .* has no numeric 'logprob'"),
+    "vllm string logprob": ("vllm", _vllm_update("3", logprob="-0.5"), (0, 2), r"token 3: .* has no numeric"),
+    "vllm null logprob": ("vllm", _vllm_update("3", logprob=None), (0, 2), r"token 3: .* has no numeric 'logprob'"),
+    "vllm positive logprob": ("vllm", _vllm_set_all("logprob", 5.0), (0, 2), r"log-probability 5.0: positive"),
+    "vllm missing rank": ("vllm", lambda body: vllm_position(body)["3"].pop("rank"), (0, 2),
+                          r"token 3: .* has no integer 'rank'"),
+    "vllm rank 0": ("vllm", _vllm_update("3", rank=0), (0, 2), r"token 3 has rank 0 < 1"),
+    "vllm all -9999": ("vllm", _vllm_set_all("logprob", -9999.0), (0, 2), r"no finite log-probability among the top"),
+    "sglang float id": ("sglang", _top_set(1, 14.0), (0, 2), r"input_top_logprobs: .* has a non-integer token id"),
+    "sglang string id": ("sglang", _top_set(1, "14"), (0, 2), r"input_top_logprobs: .* has a non-integer token id"),
+    "sglang bool id": ("sglang", _top_set(1, True), (0, 2), r"input_top_logprobs: .* has a non-integer token id"),
+    "sglang negative id": ("sglang", _top_set(1, -5, entry=2), (0, 2), r"negative token id -5"),
+    "sglang string logprob": ("sglang", _top_set(0, "-0.5"), (0, 2), r"input_top_logprobs: .* non-numeric logprob"),
+    "sglang bool logprob": ("sglang", _top_set(0, False), (0, 2), r"input_top_logprobs: .* non-numeric logprob"),
+    "sglang positive logprob": ("sglang", _top_set(0, 0.5), (0, 2), r"log-probability 0.5: positive"),
+    "sglang duplicate id": ("sglang", _sglang_duplicate, (0, 2), r"token \d+ appears twice in one position"),
+    "sglang all-null top": ("sglang", _sglang_all_null, (0, 2), r"no finite log-probability among the top 3"),
+    "sglang null above finite": ("sglang", _top_set(0, None), (0, 2), r"a null log-probability .* comes before a "
+                                                                      r"finite one"),
+    "sglang non-integer actual id": ("sglang", _token_set(1, 3.0), (0, 2), r"input_token_logprobs: .* non-integer"),
+    "sglang positive actual logprob": ("sglang", _token_set(0, 0.25), (0, 2), r"the actual token's log-probability "
+                                                                              r"0.25 is positive"),
+    "sglang first top entry not null": ("sglang", _sglang_first_top_junk, (0, 0), r"the first input_top_logprobs "
+                                                                                  r"entry is 'junk', not null"),
+    "sglang first token logprob not null": ("sglang", _token_set(0, -1.5, 1, 0), (1, 0), r"the first "
+                                            r"input_token_logprobs entry .* has a logprob; expected null"),
+}
+
+
+@pytest.mark.parametrize("case", list(DEFECTIVE_BODIES))
+def test_malformed_or_inconsistent_values_are_rejected_not_coerced(case):
+    """Ids, ranks and log-probabilities are checked, never coerced (a ' 14', '+14', '١' or '07' key, a
+    float or string id, a bool or string log-probability); rows must be a distribution with the true
+    top K (vLLM ranks); the error names the sequence and token position."""
+    protocol, mutate, (sequence, position), message = DEFECTIVE_BODIES[case]
+    body = body_for(protocol)
+    mutate(body)
+    with pytest.raises(ResponseMismatch, match=message) as caught:
+        get_protocol(protocol).parse(orjson.dumps(body), SEQUENCES, K)
+    assert (caught.value.sequence, caught.value.position) == (sequence, position)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_what_a_valid_row_may_hold(protocol):
+    """Accepted: an actual token of probability 0 (its log-probability stays −inf), −inf (vLLM −9999,
+    SGLang null) for entries below the finite ones, a log-probability a rounding error above 0, and
+    (vLLM) K + 1 entries whose actual token ties with the K-th (rank ≤ K)."""
+    sequences = [[1, 255, 3, 4]]  # 255 has probability 0 after 1
+    body = body_for(protocol, sequences)
+    if protocol == "vllm":
+        position = vllm_position(body, 0, 2)
+        assert len(position) == K + 1
+        position[by_rank(position, 1)]["logprob"] = 5e-4
+        position[by_rank(position, 3)]["logprob"] = position["3"]["logprob"] = -9999.0
+        position = vllm_position(body, 0, 3)
+        third = position[by_rank(position, 3, actual=4)]["logprob"]
+        position["4"].update(logprob=third, rank=3)  # a tie with the third: K + 1 entries, rank ≤ K
+    else:
+        top = sglang_top(body, 0, 2)
+        top[0][0], top[2][0] = 5e-4, None
+    rows = get_protocol(protocol).parse(orjson.dumps(body), sequences, K)
+    assert rows.token_logprobs[0] == NEG_INF and np.isfinite(rows.topk_logprobs[:, 0]).all()
+    assert rows.topk_logprobs[1, 0] == np.float32(5e-4) and rows.topk_logprobs[1, 2] == NEG_INF
+    assert rows.topk_ids[1, 0] == MODEL.topk(sequences[0], K)[1][1, 0]
+    if protocol == "vllm":
+        assert rows.token_logprobs[1] == NEG_INF and rows.token_logprobs[2] == np.float32(third)
+        np.testing.assert_array_equal(rows.topk_logprobs[2], MODEL.topk(sequences[0], K)[0][2])
+
+
+def test_a_new_kind_of_defect_is_a_teacher_response_error_naming_sequence_and_position():
+    body = body_for("vllm")
+    _drop_top1(body)
+    with CannedServer() as server, RemoteTeacher(server.url, "vllm", topk=K, **FAST) as teacher:
+        server.replay(orjson.dumps(body))
+        with pytest.raises(TeacherResponseError, match=r"bad response to a request of 2 sequences / 9 tokens: "
+                                                       r"sequence 0 \(item 0 of the request\), token position 2: "
+                                                       r"the actual token 3 has rank \d+ > 3 but only 3 entries"):
+            teacher.score(SEQUENCES)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_invalid_rows_hold_zero_token_logprobs(protocol):
+    """Rows past a sequence's end: token log-probability 0.0 (as the colocated teacher), −inf top-K,
+    ids 0, so masked sums stay finite; a valid row keeps −inf for a token of probability 0."""
+    with CannedServer() as server, RemoteTeacher(server.url, protocol, topk=4, **FAST) as teacher:
+        out = teacher.score([[1, 2, 3, 4, 5], [1, 2], [1, 255, 3]])
+    assert out.valid.tolist() == [[True] * 4, [True, False, False, False], [True, True, False, False]]
+    assert out.token_logprobs[~out.valid].tolist() == [0.0] * 5
+    assert torch.all(out.topk_logprobs[~out.valid] == NEG_INF) and torch.all(out.topk_ids[~out.valid] == 0)
+    assert torch.isfinite((out.token_logprobs * out.valid)[:2].sum())
+    assert out.token_logprobs[2, 0] == NEG_INF and torch.isfinite(out.token_logprobs[2, 1])
 
 
 # ---- batching and balancing --------------------------------------------------------------------
@@ -251,6 +466,103 @@ def test_hanging_server_times_out_with_a_clear_error(protocol):
             with pytest.raises(TeacherRequestError, match=rf"1 sequences / 4 tokens .* failed after 2 attempts: "
                                                           rf"attempt 1 at {server.url}: timed out.*attempt 2"):
                 teacher.score([[1, 2, 3, 4]])
+
+
+def test_no_healthy_server_is_an_error_never_a_hang():
+    """``check`` finding no healthy server raises and keeps the servers in use, so a request then fails
+    (here: the server is really down) or succeeds but never waits forever; a later ``check`` restores
+    service. A request that finds no server in use at all fails at once, naming the servers."""
+    sequences = [[1, 2, 3, 4], [5, 6, 7]]
+    with CannedServer() as server, RemoteTeacher(server.url, "vllm", topk=4, retries=0, **FAST) as teacher:
+        server.healthy = False
+        with pytest.raises(TeacherRequestError, match=r"no teacher server is healthy: .*/health: HTTP 503"):
+            teacher.check()
+        assert teacher.healthy_urls == [server.url]
+        server.inject("http_503")
+        with pytest.raises(TeacherRequestError, match=r"failed after 1 attempts: .*HTTP 503"):
+            teacher.submit(sequences).result(timeout=30)
+        server.healthy = True
+        teacher.check()
+        assert_same(teacher.submit(sequences).result(timeout=30), expected_scores(server, sequences, 4))
+        for each in teacher._servers:  # not reachable through check() any more: no server in use
+            each.enabled = False
+        with pytest.raises(TeacherRequestError, match=rf"no teacher server is in use \(none of {server.url} passed "
+                                                      rf"the last health check\): call check\(\)"):
+            teacher.submit(sequences).result(timeout=30)
+        teacher.check()
+        assert_same(teacher.submit(sequences).result(timeout=30), expected_scores(server, sequences, 4))
+
+
+def test_a_server_brought_in_by_check_serves_requests_waiting_for_a_slot():
+    """``check`` wakes requests waiting for a slot, so a server it brings in serves them at once."""
+    busy, spare = CannedServer(hang_s=60.0), CannedServer()
+    with busy, spare:
+        spare.healthy = False
+        teacher = RemoteTeacher([busy.url, spare.url], "vllm", topk=4, retries=0, max_in_flight_per_server=1, **FAST)
+        try:
+            assert teacher.healthy_urls == [busy.url]
+            teacher.reevaluate_s = 600.0  # only check()'s wake-up can move the waiting request
+            busy.inject("hang")
+            probes = busy.scoring_requests
+            futures = [teacher.submit([[1, 2, 3]]), teacher.submit([[4, 5, 6]])]
+            for _ in range(1000):  # until the first request hangs on the busy server; the other waits
+                if busy.scoring_requests > probes:
+                    break
+                time.sleep(0.01)
+            spare.healthy = True
+            teacher.check()
+            done, _ = wait(futures, timeout=30, return_when=FIRST_COMPLETED)
+            assert len(done) == 1
+            served = done.pop()
+            sequence = [[1, 2, 3]] if served is futures[0] else [[4, 5, 6]]
+            assert_same(served.result(), expected_scores(spare, sequence, 4))
+            assert len(spare.scoring_log) == 2  # the probe and the waiting request
+        finally:
+            busy.__exit__(None, None, None)  # ends the hang now (exiting again below is harmless)
+            teacher.close()
+
+
+@pytest.mark.parametrize("keep_alive", [False, True])
+def test_connections_are_forgotten_once_closed(keep_alive):
+    """A server that closes every connection (HTTP/1.0, an expiring keep-alive) leaves no closed
+    connection tracked: at most one per worker thread and server stays open."""
+    with CannedServer(keep_alive=keep_alive) as server, RemoteTeacher(
+            server.url, "sglang", topk=4, max_sequences_per_request=1, max_in_flight_per_server=2, **FAST) as teacher:
+        sequences = random_sequences(8, 256, seed=12, lengths=(2, 10))
+        for _ in range(5):
+            assert_same(teacher.score(sequences), expected_scores(server, sequences, 4))
+        tracked = len(teacher._connections)
+        assert (1 <= tracked <= 2 if keep_alive else tracked == 0) and server.scoring_requests == 1 + 40
+
+
+def test_parsing_holds_off_gc_without_undoing_the_trainers_gc_settings():
+    """Parsing raises the generation-0 threshold (restored when the last concurrent parse ends) and never
+    touches gc.isenabled(): a trainer's gc.disable() or gc.set_threshold() made meanwhile stands."""
+    enabled, thresholds = gc.isenabled(), gc.get_threshold()
+    try:
+        gc.enable()
+        gc.set_threshold(700, 10, 10)
+        with _gc_paused():
+            assert gc.isenabled() and gc.get_threshold()[0] > 10 ** 6
+            gc.disable()  # the trainer switches to manual GC meanwhile
+        assert not gc.isenabled() and gc.get_threshold() == (700, 10, 10)
+        gc.enable()
+        with _gc_paused():
+            with _gc_paused():  # a concurrent parse (another thread's, in use) ends first
+                pass
+            assert gc.get_threshold()[0] > 10 ** 6  # one still runs
+            gc.set_threshold(123, 4, 5)  # the trainer's own thresholds
+        assert gc.get_threshold() == (123, 4, 5) and gc.isenabled()
+        gc.set_threshold(700, 10, 10)
+        with _gc_paused():
+            get_protocol("vllm").parse(*recorded("vllm"))
+        assert gc.get_threshold() == (700, 10, 10) and gc.isenabled()
+        with pytest.raises(ResponseMismatch):
+            get_protocol("vllm").parse(b"{", [[1, 2]], 1)
+        assert gc.get_threshold() == (700, 10, 10)
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.enable() if enabled else gc.disable()
 
 
 DEFECTS = {

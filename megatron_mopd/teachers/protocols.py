@@ -2,21 +2,38 @@
 
 A request carries S token sequences; its response is parsed into ``ScoredRows``: one row per scored
 position, sequence after sequence (row r of sequence i is the distribution of token r + 1 given tokens
-0..r). Nothing is ever filled in for the server: an entry count, length, id or structure that does not
-match what was sent raises ``ResponseMismatch`` naming the sequence (index within the request), the
-token position and what is wrong. Parsing is orjson plus vectorized numpy; the only per-entry Python
-work is one ``map`` over the decoded lists. The cyclic garbage collector is paused while a response is
-parsed: decoding creates about a million containers per 8k-token batch at K = 64, whose allocations
-would otherwise trigger collection after collection (5× slower for SGLang's lists).
+0..r). Nothing is ever filled in for the server: an entry count, length, id, rank, value or structure
+that does not match what was sent raises ``ResponseMismatch`` naming the sequence (index within the
+request), the token position and what is wrong. Checked for every row, besides the formats below:
+ids are JSON integers (vLLM: keys of plain ASCII digits), log-probabilities JSON numbers (never
+booleans or strings) ≤ 1e-3, no id twice in a row, and the most probable of the top K has a finite
+log-probability (a row of −inf / null only is no distribution, so it is an error, never a dropped
+sample). The actual token's log-probability may be −inf: the teacher gives it probability 0 (e.g.
+vocabulary padding, or a token its sampling forbids); it is kept as −inf.
 
-``vllm``    ``POST /v1/completions`` with ``prompt_logprobs=K``. Each position is a dict keyed by token
-            id strings holding the top K plus the actual token when it is not among them (K or K + 1
-            entries, in no guaranteed order); ``-9999.0`` stands for −inf.
+Parsing is orjson plus vectorized numpy; the per-entry Python work is a few C-level ``map`` passes
+over the decoded lists (values, then a ``set`` of their types). Automatic cyclic garbage collection is
+held off while a response is parsed: decoding creates about a million containers per 8k-token batch
+at K = 64, whose allocations would otherwise trigger collection after collection (5× slower for
+SGLang's lists). It is held off by raising the generation-0 threshold, not by ``gc.disable()``, so a
+trainer's own ``gc.disable()`` / ``gc.enable()`` (e.g. Megatron's manual GC), before or during a
+parse, is never undone; see ``_gc_paused``.
+
+``vllm``    ``POST /v1/completions`` with ``prompt_logprobs=K``. ``prompt_logprobs[0]`` is null; each
+            other position is a dict keyed by token id strings holding ``{"logprob", "rank", ...}`` for
+            the top K (ranks 1..K) plus the actual token when it is not among them (K or K + 1
+            entries, in no guaranteed order); ``-9999.0`` stands for −inf. Ranks (read as integers, used
+            only for this) are checked: with K entries the actual token's rank is ≤ K, and no entry
+            but the actual token ranks > K (else one of the true top K is missing).
 ``sglang``  ``POST /generate`` with ``top_logprobs_num=K``: ``meta_info.input_token_logprobs`` gives
-            ``[logprob, id, text]`` per position (the ids must be the ones sent) and
-            ``meta_info.input_top_logprobs`` exactly K ``[logprob, id, text]`` per position, the actual
-            token not included. A null logprob past the first position reads as −inf (orjson-based
-            servers write non-finite floats as null), and so does −9999.0 (vLLM's encoding).
+            ``[logprob, id, text]`` per position (the ids must be the ones sent; the first logprob is
+            null) and ``meta_info.input_top_logprobs`` null first, then exactly K ``[logprob, id,
+            text]`` per position, most probable first (``torch.topk``), the actual token not included.
+            A null logprob past the first position reads as −inf, and so does −9999.0 (vLLM's
+            encoding). orjson-based servers write every non-finite float as null, NaN included, so a
+            top-K null is accepted only where −inf can be: after every finite entry of its position
+            (a null first, above finite entries, is an error; a position of nulls only has no
+            distribution). The actual token's null reads as −inf (JSON cannot tell it from a NaN).
 """
 
 from __future__ import annotations
@@ -37,7 +54,12 @@ ProtocolName = Literal["vllm", "sglang"]
 TokenIds = Sequence[Sequence[int]]
 
 NEG_INF_ENCODING = -9999.0  # vLLM clamps log-probabilities to this value so that JSON can carry them
+LOGPROB_TOLERANCE = 1e-3  # a log-probability above this is an error (rounding may leave a little above 0)
 _EXCERPT_CHARS = 160
+_INT: frozenset[type] = frozenset({int})  # types as orjson decodes them (bool is its own type)
+_NUMBER: frozenset[type] = frozenset({int, float})
+_NUMBER_OR_NULL: frozenset[type] = frozenset({int, float, type(None)})
+_NUMERIC_ERRORS = (TypeError, ValueError, OverflowError, KeyError, IndexError, AttributeError)
 
 
 class TeacherError(RuntimeError):
@@ -115,15 +137,18 @@ class VLLMProtocol(WireProtocol):
         try:
             counts = np.fromiter(map(len, rows), np.int64, len(rows))
             total = int(counts.sum())
-            ids = np.fromiter(map(int, chain.from_iterable(rows)), np.int64, total)
-            values = chain.from_iterable(map(dict.values, rows))
-            logprobs = np.fromiter(map(itemgetter("logprob"), values), np.float32, total)
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            infos = list(chain.from_iterable(map(dict.values, rows)))
+            ids = _decimal_ids(",".join(chain.from_iterable(rows)), total)
+            raw_logprobs = list(map(itemgetter("logprob"), infos))
+            well_typed = ids is not None and _types(raw_logprobs) <= _NUMBER
+            if well_typed:
+                logprobs = np.fromiter(raw_logprobs, np.float32, total)
+                ranks = np.fromiter(map(itemgetter("rank"), infos), np.int64, total)  # read as integers: only checked
+        except _NUMERIC_ERRORS as exc:
             raise _vllm_defect(rows, sequences, exc) from None
+        if not well_typed:
+            raise _vllm_defect(rows, sequences, None)
         locate = _RowLocator(sequences)
-        if np.isnan(logprobs).any():
-            row = int(np.repeat(np.arange(len(rows)), counts)[np.isnan(logprobs)][0])
-            raise locate.mismatch(row, "a logprob is NaN")
         wrong = np.flatnonzero((counts < k) | (counts > k + 1))
         if wrong.size:
             row = int(wrong[0])
@@ -133,8 +158,12 @@ class VLLMProtocol(WireProtocol):
         col_of = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
         table_logprobs = np.full((len(rows), k + 1), -np.inf, np.float32)
         table_ids = np.full((len(rows), k + 1), -1, np.int64)
-        table_logprobs[row_of, col_of] = logprobs
-        table_ids[row_of, col_of] = ids
+        table_ranks = np.zeros((len(rows), k + 1), np.int64)
+        table_logprobs[row_of, col_of], table_ids[row_of, col_of], table_ranks[row_of, col_of] = logprobs, ids, ranks
+        _check_entries(locate, table_logprobs, table_ids)
+        if (ranks < 1).any():
+            entry = int(np.flatnonzero(ranks < 1)[0])
+            raise locate.mismatch(int(row_of[entry]), f"token {ids[entry]} has rank {ranks[entry]} < 1")
         actual = locate.next_tokens()
         hit = table_ids == actual[:, None]
         missing = np.flatnonzero(~hit.any(axis=1))
@@ -142,8 +171,21 @@ class VLLMProtocol(WireProtocol):
             row = int(missing[0])
             raise locate.mismatch(row, f"the actual token {actual[row]} is not among the {counts[row]} returned "
                                        f"entries {sorted(rows[row])[:8]}... (a response to other token ids?)")
-        token_logprobs = table_logprobs[np.arange(len(rows)), hit.argmax(axis=1)]
-        return _top_k(table_logprobs, table_ids, token_logprobs, k)
+        column = hit.argmax(axis=1)
+        every = np.arange(len(rows))
+        outside = (table_ranks > k) & ~hit
+        if outside.any():
+            row = int(np.flatnonzero(outside.any(axis=1))[0])
+            col = int(outside[row].argmax())
+            raise locate.mismatch(row, f"token {table_ids[row, col]} has rank {table_ranks[row, col]} > {k} but is "
+                                       f"not the actual token ({actual[row]}): one of the top {k} is missing")
+        actual_ranks = table_ranks[every, column]
+        short = np.flatnonzero((counts == k) & (actual_ranks > k))
+        if short.size:
+            row = int(short[0])
+            raise locate.mismatch(row, f"the actual token {actual[row]} has rank {actual_ranks[row]} > {k} but "
+                                       f"only {k} entries came: one of the top {k} is missing")
+        return _top_k(locate, table_logprobs, table_ids, table_logprobs[every, column], k)
 
     @staticmethod
     def _prompt_logprobs(doc: Any, sequences: TokenIds) -> list[list]:
@@ -192,16 +234,21 @@ class SGLangProtocol(WireProtocol):
         tops = [top for per_sequence in top_lists for top in per_sequence[1:]]
         try:
             sent_ids = np.fromiter(chain.from_iterable(sequences), np.int64)
-            got_ids = np.fromiter(map(itemgetter(1), chain.from_iterable(token_lists)), np.int64, len(sent_ids))
-            token_logprobs = np.array([e[0] for entries in token_lists for e in entries[1:]], np.float32)
+            raw_got = list(map(itemgetter(1), chain.from_iterable(token_lists)))
+            raw_token_logprobs = [entry[0] for entries in token_lists for entry in entries[1:]]
             counts = np.fromiter(map(len, tops), np.int64, len(tops))
-            flat = [entry for top in tops for entry in top]
-            logprobs = np.array([entry[0] for entry in flat], np.float32)
-            ids = np.array([entry[1] for entry in flat], np.int64)
-        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            flat = list(chain.from_iterable(tops))
+            raw_logprobs, raw_ids = list(map(itemgetter(0), flat)), list(map(itemgetter(1), flat))
+            well_typed = (_types(raw_got) <= _INT and _types(raw_ids) <= _INT
+                          and _types(raw_token_logprobs) <= _NUMBER_OR_NULL and _types(raw_logprobs) <= _NUMBER_OR_NULL)
+            if well_typed:
+                got_ids = np.array(raw_got, np.int64)
+                token_logprobs = np.array(raw_token_logprobs, np.float32)  # null → NaN
+                logprobs, ids = np.array(raw_logprobs, np.float32), np.array(raw_ids, np.int64)
+        except _NUMERIC_ERRORS as exc:
             raise _sglang_defect(token_lists, tops, sequences, exc) from None
-        if logprobs.ndim != 1 or ids.ndim != 1 or token_logprobs.ndim != 1:
-            raise _sglang_defect(token_lists, tops, sequences, ValueError("nested values"))
+        if not well_typed:
+            raise _sglang_defect(token_lists, tops, sequences, None)
         wrong_id = np.flatnonzero(got_ids != sent_ids)
         if wrong_id.size:
             flat_position = int(wrong_id[0])
@@ -212,9 +259,26 @@ class SGLangProtocol(WireProtocol):
         if wrong.size:
             row = int(wrong[0])
             raise locate.mismatch(row, f"{counts[row]} input_top_logprobs entries; expected {k}")
-        for array in (token_logprobs, logprobs):
-            array[np.isnan(array)] = -np.inf  # null: a non-finite float written by orjson
-        return _top_k(logprobs.reshape(-1, k), ids.reshape(-1, k), token_logprobs, k)
+        logprobs, ids = logprobs.reshape(-1, k), ids.reshape(-1, k)
+        nulls = np.isnan(logprobs)
+        if nulls.any():  # most probable first (torch.topk): a null above a finite entry is no −inf but a NaN
+            above = np.logical_or.accumulate(nulls, axis=1) & (logprobs > NEG_INF_ENCODING)
+            if above.any():
+                row = int(np.flatnonzero(above.any(axis=1))[0])
+                raise locate.mismatch(row, "input_top_logprobs: a null log-probability (NaN or −inf, as orjson "
+                                           "writes both) comes before a finite one, so it is no −inf")
+            logprobs[nulls] = -np.inf
+        token_logprobs[np.isnan(token_logprobs)] = -np.inf  # null: −inf (or a NaN, which JSON cannot tell apart)
+        if (ids < 0).any():
+            row = int(np.flatnonzero((ids < 0).any(axis=1))[0])
+            raise locate.mismatch(row, f"input_top_logprobs: negative token id {ids[row].min()}")
+        _check_entries(locate, logprobs, ids)
+        positive = np.flatnonzero(token_logprobs > LOGPROB_TOLERANCE)
+        if positive.size:
+            row = int(positive[0])
+            raise locate.mismatch(row, f"input_token_logprobs: the actual token's log-probability "
+                                       f"{token_logprobs[row]} is positive")
+        return _top_k(locate, logprobs, ids, token_logprobs, k)
 
     @staticmethod
     def _meta_lists(doc: Any, sequences: TokenIds) -> tuple[list[list], list[list]]:
@@ -237,6 +301,13 @@ class SGLangProtocol(WireProtocol):
                     raise ResponseMismatch(f"wrong length: {len(entries)} {key} entries for {len(sequence)} "
                                            "tokens", index)
                 target.append(entries)
+            first_token, first_top = token_lists[-1][:1], top_lists[-1][:1]
+            if first_token and isinstance(first_token[0], list) and first_token[0][:1] != [None]:
+                raise ResponseMismatch(f"the first input_token_logprobs entry {first_token[0]!r} has a logprob; "
+                                       "expected null (no token precedes it)", index, 0)
+            if first_top and first_top[0] is not None:
+                raise ResponseMismatch(f"the first input_top_logprobs entry is {_short(first_top[0])}, not null (no "
+                                       "token precedes it)", index, 0)
         return token_lists, top_lists
 
 
@@ -282,38 +353,70 @@ class _RowLocator:
         return np.fromiter(chain.from_iterable(s[1:] for s in self.sequences), np.int64, int(self.row_ends[-1]))
 
 
-def _top_k(logprobs: np.ndarray, ids: np.ndarray, token_logprobs: np.ndarray, k: int) -> ScoredRows:
+def _check_entries(locate: _RowLocator, logprobs: np.ndarray, ids: np.ndarray) -> None:
+    """Rows ``[N, W]`` of candidate log-probabilities and ids (id < 0: no entry): every log-probability
+    ≤ ``LOGPROB_TOLERANCE`` (not NaN), and no id twice in a row."""
+    bad = ~(logprobs <= LOGPROB_TOLERANCE)
+    if bad.any():
+        row = int(np.flatnonzero(bad.any(axis=1))[0])
+        value, token = logprobs[row][bad[row]][0], ids[row][bad[row]][0]
+        raise locate.mismatch(row, f"token {token} has log-probability {value}: "
+                                   f"{'NaN' if np.isnan(value) else 'positive'}, not a log-probability")
+    ordered = np.sort(ids, axis=1)
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if repeated.any():
+        row = int(np.flatnonzero(repeated.any(axis=1))[0])
+        raise locate.mismatch(row, f"token {ordered[row, 1:][repeated[row]][0]} appears twice in one position")
+
+
+def _top_k(locate: _RowLocator, logprobs: np.ndarray, ids: np.ndarray, token_logprobs: np.ndarray,
+           k: int) -> ScoredRows:
     """The K largest of each row of ``[N, W]`` candidates, most probable first (ties keep column order);
-    log-probabilities ≤ −9999 (vLLM's encoding of −inf, also used by some SGLang-style servers) → −inf."""
+    log-probabilities ≤ −9999 (vLLM's encoding of −inf, also used by some SGLang-style servers) → −inf.
+    A row whose most probable candidate is not finite (all −inf / null) is an error: no distribution."""
     for array in (logprobs, token_logprobs):
         array[array <= NEG_INF_ENCODING] = -np.inf
     order = np.argsort(-logprobs, axis=1, kind="stable")[:, :k]
-    return ScoredRows(
-        np.ascontiguousarray(np.take_along_axis(logprobs, order, axis=1)),
-        np.ascontiguousarray(np.take_along_axis(ids, order, axis=1)),
-        token_logprobs,
-    )
+    top_logprobs = np.ascontiguousarray(np.take_along_axis(logprobs, order, axis=1))
+    empty = np.flatnonzero(~np.isfinite(top_logprobs[:, 0]))
+    if empty.size:
+        raise locate.mismatch(int(empty[0]), f"no finite log-probability among the top {k} (all −inf, −9999 or "
+                                             "null): the position has no distribution")
+    return ScoredRows(top_logprobs, np.ascontiguousarray(np.take_along_axis(ids, order, axis=1)), token_logprobs)
 
 
+_GC_PAUSE_THRESHOLD = 1 << 30  # generation-0 allocations before an automatic collection: none within a parse
 _gc_lock = threading.Lock()
-_gc_state = {"pausers": 0, "was_enabled": False}
+_gc_state: dict[str, Any] = {"pausers": 0, "saved": None}
 
 
 @contextmanager
 def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector (process-wide) while any thread parses; then restore it."""
+    """Hold off automatic cyclic garbage collection (process-wide) while any thread parses.
+
+    The first of concurrent parses raises the generation-0 threshold to ``_GC_PAUSE_THRESHOLD`` (unless
+    it is 0 or already that high) and saves the thresholds; the last one to finish restores them only if
+    they are still the ones it set, so a ``gc.set_threshold`` made meanwhile stands. ``gc.isenabled()``
+    is never changed: a trainer's ``gc.disable()`` / ``gc.enable()`` (e.g. Megatron's manual GC), made
+    before or during a parse, stays as it made it, and ``gc.collect()`` works throughout. A caller that
+    reads ``gc.get_threshold()`` during a parse sees the raised threshold."""
     with _gc_lock:
         if _gc_state["pausers"] == 0:
-            _gc_state["was_enabled"] = gc.isenabled()
-            gc.disable()
+            saved = gc.get_threshold()
+            _gc_state["saved"] = saved if 0 < saved[0] < _GC_PAUSE_THRESHOLD else None
+            if _gc_state["saved"] is not None:
+                gc.set_threshold(_GC_PAUSE_THRESHOLD, *saved[1:])
         _gc_state["pausers"] += 1
     try:
         yield
     finally:
         with _gc_lock:
             _gc_state["pausers"] -= 1
-            if _gc_state["pausers"] == 0 and _gc_state["was_enabled"]:
-                gc.enable()
+            saved = _gc_state["saved"]
+            if _gc_state["pausers"] == 0 and saved is not None:
+                _gc_state["saved"] = None
+                if gc.get_threshold() == (_GC_PAUSE_THRESHOLD, *saved[1:]):
+                    gc.set_threshold(*saved)
 
 
 def _loads(body: bytes) -> Any:
@@ -327,11 +430,43 @@ def _keys(doc: Any) -> str:
     return str(sorted(doc)[:8]) if isinstance(doc, dict) else type(doc).__name__
 
 
+def _decimal_ids(joined: str, count: int) -> Optional[np.ndarray]:
+    """The ids of ``count`` comma-joined vLLM keys; None unless every key is a non-empty string of ASCII
+    digits (no sign, space, underscore or other digits, which ``int`` would accept) below 2^62."""
+    if count == 0:
+        return np.zeros(0, np.int64)
+    if (not joined.isascii() or joined.count(",") != count - 1 or ",," in joined or joined[0] == ","
+            or joined[-1] == ","):
+        return None
+    chars = np.frombuffer(joined.encode("ascii"), np.uint8)
+    if not (((chars - 48) <= 9) | (chars == 44)).all():  # uint8: 0-9 are 48-57, "," is 44
+        return None
+    ids = np.fromstring(joined, np.int64, sep=",")
+    return ids if ids.size == count and (ids < 2 ** 62).all() else None
+
+
+def _types(values: list) -> set[type]:
+    return set(map(type, values))
+
+
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return type(value) in _NUMBER
 
 
-def _vllm_defect(rows: list, sequences: TokenIds, cause: Exception) -> ResponseMismatch:
+def _is_int64(value: Any) -> bool:
+    return type(value) is int and -2 ** 63 <= value < 2 ** 63
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "…"
+
+
+def _unreadable(what: str, cause: Optional[Exception]) -> ResponseMismatch:
+    return ResponseMismatch(f"unreadable {what}" + ("" if cause is None else f" ({type(cause).__name__}: {cause})"))
+
+
+def _vllm_defect(rows: list, sequences: TokenIds, cause: Optional[Exception]) -> ResponseMismatch:
     """Locate the first malformed vLLM position (the slow path, run only after the fast one failed)."""
     locate = _RowLocator(sequences)
     for row, entry in enumerate(rows):
@@ -339,23 +474,27 @@ def _vllm_defect(rows: list, sequences: TokenIds, cause: Exception) -> ResponseM
             return locate.mismatch(row, "the entry is missing (null)" if entry is None else
                                    f"the entry is a {type(entry).__name__}, not a dict of token ids")
         for token, info in entry.items():
-            if not token.isdigit():
-                return locate.mismatch(row, f"key {token!r} is not a token id")
+            if not (token.isascii() and token.isdigit() and len(token) <= 18):
+                return locate.mismatch(row, f"key {token!r} is not a token id (a string of decimal digits)")
             if not isinstance(info, dict) or not _is_number(info.get("logprob")):
-                return locate.mismatch(row, f"token {token}: {info!r} has no numeric 'logprob'")
-    return ResponseMismatch(f"unreadable prompt_logprobs ({type(cause).__name__}: {cause})")
+                return locate.mismatch(row, f"token {token}: {_short(info)} has no numeric 'logprob'")
+            if not _is_int64(info.get("rank")):
+                return locate.mismatch(row, f"token {token}: {_short(info)} has no integer 'rank'")
+    return _unreadable("prompt_logprobs", cause)
 
 
-def _sglang_defect(token_lists: list, tops: list, sequences: TokenIds, cause: Exception) -> ResponseMismatch:
+def _sglang_defect(token_lists: list, tops: list, sequences: TokenIds, cause: Optional[Exception]) -> ResponseMismatch:
     """Locate the first malformed SGLang entry (the slow path, run only after the fast one failed)."""
 
     def bad(entry: Any, first: bool) -> Optional[str]:
         if not isinstance(entry, list) or len(entry) < 2:
-            return f"{entry!r} is not a [logprob, id, text] triple"
+            return f"{_short(entry)} is not a [logprob, id, text] triple"
         if not first and not (_is_number(entry[0]) or entry[0] is None):
-            return f"{entry!r} has a non-numeric logprob"
-        if not isinstance(entry[1], int) or isinstance(entry[1], bool):
-            return f"{entry!r} has a non-integer token id"
+            return f"{_short(entry)} has a non-numeric logprob"
+        if type(entry[1]) is not int:
+            return f"{_short(entry)} has a non-integer token id"
+        if not 0 <= entry[1] < 2 ** 63:
+            return f"{_short(entry)} has an out-of-range token id"
         return None
 
     locate = _RowLocator(sequences)
@@ -370,4 +509,4 @@ def _sglang_defect(token_lists: list, tops: list, sequences: TokenIds, cause: Ex
         for entry in top:
             if what := bad(entry, False):
                 return locate.mismatch(row, f"input_top_logprobs: {what}")
-    return ResponseMismatch(f"unreadable logprobs ({type(cause).__name__}: {cause})")
+    return _unreadable("logprobs", cause)

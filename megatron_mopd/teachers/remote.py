@@ -3,9 +3,12 @@
 ``submit`` splits a batch into requests of at most ``max_sequences_per_request`` sequences and
 ``max_tokens_per_request`` tokens and sends them from a thread pool: at most
 ``max_in_flight_per_server`` per server, each to the usable server with the fewest outstanding
-requests. Every worker thread keeps one keep-alive connection per server. Each response is parsed
-(``protocols``) straight into the batch's arrays as it arrives; the returned future resolves once all
-have, or fails with the first error.
+requests. Every worker thread keeps one keep-alive connection per server (one the server closed is
+dropped and replaced). Each response is parsed (``protocols``) straight into the batch's arrays as it
+arrives; the returned future resolves once all have, or fails with the first error. Rows past a
+sequence's end (``valid`` False) hold −inf log-probabilities, id 0 and a token log-probability of 0.0,
+as the colocated teacher's do, so ``(token_logprobs * valid).sum()`` is finite; in a valid row the
+token log-probability is −inf when the teacher gives the actual token probability 0.
 
 Failures. Timeouts (``timeout_s`` per socket operation), connection errors, 5xx and 429 are retried
 ``retries`` times with jittered exponential backoff (``backoff_s · 2^i · U(0.5, 1.5)``), on another
@@ -14,10 +17,13 @@ at once. Either way a ``TeacherRequestError`` names the server(s), the request s
 their causes. A response that does not match its request raises ``TeacherResponseError`` (not retried:
 the server answered, wrongly), naming the server, request, sequence, token position and the defect.
 
-Start-up (``check``, run by the constructor): ``GET /health`` on every server (servers failing it are
-left out until the next ``check``; none healthy is an error), the model name from ``GET /v1/models``
-(vLLM, when ``model`` is None), and a two-token probe asking for K on every healthy server: a vLLM 400
-about the logprob limit, or fewer than K entries, is a ``TeacherConfigError`` that says how to fix it.
+Start-up (``check``, run by the constructor and again whenever the caller wants): ``GET /health`` on
+every server (servers failing it are left out until the next ``check``; none healthy is a
+``TeacherRequestError`` that leaves the servers in use as they were, so requests never wait for a
+server that cannot come), the model name from ``GET /v1/models`` (vLLM, when ``model`` is None), and a
+two-token probe asking for K on every healthy server: a vLLM 400 about the logprob limit, or fewer
+than K entries, is a ``TeacherConfigError`` that says how to fix it. A request that finds no server in
+use fails at once (``TeacherRequestError``) instead of waiting.
 
 Text mode (cross-tokenizer teachers): ``submit_texts`` tokenizes with the teacher's fast tokenizer
 (special tokens as it adds them) and returns the teacher ids as ``sequences`` and their character
@@ -90,7 +96,7 @@ class _Batch:
         rows = max(max((len(s) for s in sequences), default=0) - 1, 0)
         self.topk_logprobs = np.full((len(sequences), rows, k), -np.inf, np.float32)
         self.topk_ids = np.zeros((len(sequences), rows, k), np.int64)
-        self.token_logprobs = np.full((len(sequences), rows), -np.inf, np.float32)
+        self.token_logprobs = np.zeros((len(sequences), rows), np.float32)
         self.valid = np.zeros((len(sequences), rows), bool)
         self.future: Future[TeacherLogprobs] = Future()
         self.future.set_running_or_notify_cancel()  # not cancellable: its requests are already queued
@@ -150,6 +156,7 @@ class RemoteTeacher:
     """
 
     cooldown_s = 5.0  # a server that just failed a request is passed over this long when another is usable
+    reevaluate_s = 1.0  # a request waiting for a slot looks again at least this often (e.g. a cooldown ended)
 
     def __init__(
         self,
@@ -187,7 +194,7 @@ class RemoteTeacher:
             raise ValueError("no teacher server URL given")
         self._cond = threading.Condition()
         self._local = threading.local()
-        self._connections: list[http.client.HTTPConnection] = []
+        self._connections: set[http.client.HTTPConnection] = set()  # open ones, for close()
         self._pool = ThreadPoolExecutor(max_in_flight_per_server * len(self._servers), "remote-teacher")
         try:
             self.check(wait_s=wait_for_servers_s)
@@ -223,20 +230,25 @@ class RemoteTeacher:
         return [server.url for server in self._servers if server.enabled]
 
     def check(self, wait_s: float = 0.0) -> None:
-        """Health-check every server, find the model name, and verify every healthy server serves top-K."""
+        """Health-check every server, find the model name, and verify every healthy server serves top-K.
+
+        The healthy servers become the ones in use (requests waiting for a slot are woken to see them).
+        When none is healthy this raises ``TeacherRequestError`` and the servers in use stay as they were.
+        """
         deadline = time.monotonic() + wait_s
         while True:
             causes = {server.url: self._health(server) for server in self._servers}
             if all(cause is None for cause in causes.values()) or time.monotonic() >= deadline:
                 break
             time.sleep(min(0.25, max(deadline - time.monotonic(), 0.0)))
-        with self._cond:
-            for server in self._servers:
-                server.enabled, server.down_until = causes[server.url] is None, 0.0
-        healthy = [server for server in self._servers if server.enabled]
+        healthy = [server for server in self._servers if causes[server.url] is None]
         if not healthy:
             raise TeacherRequestError("no teacher server is healthy: " +
                                       "; ".join(f"{url}/health: {cause}" for url, cause in causes.items()))
+        with self._cond:
+            for server in self._servers:
+                server.enabled, server.down_until = causes[server.url] is None, 0.0
+            self._cond.notify_all()
         if self.protocol.name == "vllm" and self.model is None:
             self.model = self._discover_model(healthy[0])
         for server in healthy:
@@ -246,7 +258,7 @@ class RemoteTeacher:
         """Wait for the requests in flight, then close every connection."""
         self._pool.shutdown(wait=True)
         with self._cond:
-            connections, self._connections = self._connections, []
+            connections, self._connections = self._connections, set()
         for connection in connections:
             connection.close()
 
@@ -376,11 +388,17 @@ class RemoteTeacher:
                                   f"attempts: " + "; ".join(causes))
 
     def _acquire(self, avoid: Optional[_Server]) -> _Server:
-        """A slot on the usable server with the fewest outstanding requests (blocks while all are full)."""
+        """A slot on the usable server with the fewest outstanding requests. Blocks while all are full
+        (woken by a release or a ``check``, and every ``reevaluate_s``); raises ``TeacherRequestError`` at
+        once when no server is in use, since nothing would ever free a slot."""
         with self._cond:
             while True:
                 now = time.monotonic()
                 enabled = [s for s in self._servers if s.enabled]
+                if not enabled:
+                    raise TeacherRequestError(
+                        f"no teacher server is in use (none of {', '.join(s.url for s in self._servers)} passed "
+                        "the last health check): call check() once one is healthy")
                 others = [s for s in enabled if s is not avoid]
                 usable = [s for s in others if s.down_until <= now] or others or enabled
                 free = [s for s in usable if s.outstanding < self.max_in_flight_per_server]
@@ -389,7 +407,7 @@ class RemoteTeacher:
                     server.outstanding += 1
                     server.assigned += 1
                     return server
-                self._cond.wait()
+                self._cond.wait(self.reevaluate_s)
 
     def _release(self, server: _Server, failed: bool) -> None:
         with self._cond:
@@ -406,21 +424,28 @@ class RemoteTeacher:
         if connection is None:
             connection = connections[server.url] = server.connection(self.timeout_s)
             with self._cond:
-                self._connections.append(connection)
+                self._connections.add(connection)
         try:
             connection.request("POST", server.base_path + self.protocol.path, body=body, headers=_JSON_HEADERS)
             response = connection.getresponse()
             reply = response.read()
         except BaseException as exc:
-            connection.close()
-            connections.pop(server.url, None)
+            self._drop(connections, server, connection)
             if reused and isinstance(exc, _STALE_CONNECTION):
                 return self._exchange(server, body, fresh=True)
             raise
         if response.will_close:
-            connection.close()
-            connections.pop(server.url, None)
+            self._drop(connections, server, connection)
         return response.status, reply
+
+    def _drop(self, connections: dict[str, http.client.HTTPConnection], server: _Server,
+              connection: http.client.HTTPConnection) -> None:
+        """Close a connection and forget it (this thread's, and the set ``close`` closes)."""
+        connection.close()
+        if connections.get(server.url) is connection:
+            del connections[server.url]
+        with self._cond:
+            self._connections.discard(connection)
 
     def _once(self, server: _Server, method: str, path: str, body: Optional[bytes] = None,
               timeout: Optional[float] = None) -> tuple[int, bytes]:

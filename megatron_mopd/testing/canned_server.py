@@ -1,7 +1,8 @@
 """A canned teacher server for tests: real HTTP on 127.0.0.1, vLLM and SGLang bodies, scripted faults.
 
-``CannedServer`` is a ``ThreadingHTTPServer`` (HTTP/1.1 keep-alive) running in a background thread
-(a context manager) that serves what ``RemoteTeacher`` talks to:
+``CannedServer`` is a ``ThreadingHTTPServer`` (HTTP/1.1 keep-alive; HTTP/1.0, closing every connection
+after its response, with ``keep_alive=False``) running in a background thread (a context manager) that
+serves what ``RemoteTeacher`` talks to:
 
     GET  /health           200, or 503 while ``healthy`` is False
     GET  /v1/models        the OpenAI model list (vLLM), with ``model_name``
@@ -143,8 +144,9 @@ class CannedServer:
     """A vLLM/SGLang-speaking test server (see the module docstring); ``with CannedServer() as s: s.url``."""
 
     def __init__(self, *, vocab_size: int = 256, max_logprobs: int = 20, latency_s: float = 0.0,
-                 hang_s: float = 30.0, model_name: str = "canned-teacher", seed: int = 0):
+                 hang_s: float = 30.0, model_name: str = "canned-teacher", seed: int = 0, keep_alive: bool = True):
         self.model = BigramModel(vocab_size, seed)
+        self.keep_alive = keep_alive
         self.max_logprobs, self.latency_s, self.hang_s, self.model_name = max_logprobs, latency_s, hang_s, model_name
         self.healthy = True
         self.requests: collections.Counter[str] = collections.Counter()
@@ -182,6 +184,7 @@ class CannedServer:
 
         class Handler(_Handler):
             server_state = canned
+            protocol_version = "HTTP/1.1" if canned.keep_alive else "HTTP/1.0"
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
