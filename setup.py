@@ -13,6 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_mopd", "megatron_mopd.*"]),
+    package_data={"megatron_mopd.demo": ["*.yaml"]},
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16,<0.17",
@@ -25,6 +26,11 @@ setup(
         "orjson>=3.8",
         # megatron.core.dist_checkpointing (colocated teachers' checkpoints) needs it at save time
         "psutil>=5.9",
+        # the trainer's configuration (structured configs with typed merge and dotted overrides)
+        "omegaconf>=2.4,<3",
+        "pyyaml>=6",
+        # curves.png at the end of a run
+        "matplotlib>=3.7",
     ],
     entry_points={"console_scripts": ["mopd=megatron_mopd.cli:main"]},
     extras_require={

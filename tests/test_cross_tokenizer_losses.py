@@ -7,6 +7,11 @@ projection mixes one-hot (exact) rows, multi-token rows and unmapped rows; the s
 padded (190 real ids in 256: at TP = 4 the last rank holds no real id); chunks span several student
 positions and several teacher rows, some positions and rows belong to no chunk, and one teacher row
 has only part of its K entries. Half of the cases use a 2-token chunk of rows.
+
+A second batch gives the student -inf logits (probability 0): at some positions all of ids 128..189
+(the whole real part of rank 1 at TP = 2 and of rank 2 at TP = 4) and the padding, at others a random
+fifth of ids 0..127, never all sources of a teacher id in one chunk (the projected probability stays
+positive). Loss and gradient match the reference, are finite, and the gradient at a -inf logit is 0.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class Case:
     weights: tuple[float, float] | None = None
     threshold: float = 0.6
     scale_tau2: bool = False
+    batch: str = "finite"  # or "student_minus_inf"
 
 
 def all_cases() -> list[Case]:
@@ -50,10 +56,14 @@ def all_cases() -> list[Case]:
             itertools.product(("pkl", "gold"), (0.0, 0.5, 1.0), (1.0, 2.0), ("tail", "renorm"))
         )
     ]
+    minus_inf = [
+        Case(loss, beta, 2.0 if i % 3 else 1.0, tail, chunk_size=2 if i % 2 else None, batch="student_minus_inf")
+        for i, (loss, beta, tail) in enumerate(itertools.product(("pkl", "gold"), (0.0, 0.5, 1.0), ("tail", "renorm")))
+    ]
     return grid + [
         Case("gold", 0.5, 1.0, "tail", weights=(0.7, 0.3), threshold=0.95),
         Case("pkl", 0.0, 2.0, "tail", scale_tau2=True),
-    ]
+    ] + minus_inf
 
 
 def synthetic_projection(seed: int = 0) -> VocabProjection:
@@ -105,6 +115,24 @@ def make_batch(seed: int = 0) -> Batch:
     return Batch(student, student_chunks, logprobs, ids, teacher_chunks, 6)
 
 
+def make_student_minus_inf_batch(seed: int = 1) -> Batch:
+    """``make_batch`` with -inf student logits, at most one position of a chunk -inf at any id."""
+    batch = make_batch()
+    student = batch.student.clone()
+    for position in [(0, 0), (0, 3), (1, 2)]:  # chunks 0, 2 and 4, each with another position
+        student[position][128:] = -torch.inf
+    scattered = torch.rand(student.shape, generator=torch.Generator().manual_seed(seed)) < 0.2
+    scattered[..., 128:] = False
+    for position in [(0, 1), (0, 4), (1, 3)]:  # the same chunks' other positions
+        student[position][scattered[position]] = -torch.inf
+    batch.student = student
+    return batch
+
+
+def all_batches() -> dict[str, Batch]:
+    return {"finite": make_batch(), "student_minus_inf": make_student_minus_inf_batch()}
+
+
 def per_chunk_loss(batch: Batch, projection: VocabProjection, student: torch.Tensor, case: Case, group):
     common = dict(
         num_chunks=batch.num_chunks, beta=case.beta, temperature=case.temperature, tail=case.tail,
@@ -118,11 +146,12 @@ def per_chunk_loss(batch: Batch, projection: VocabProjection, student: torch.Ten
     return gold_loss(*args, common_threshold=case.threshold, **weights, **common)
 
 
-def run_shard(batch: Batch, cases: list[Case], rank: int, world_size: int, group) -> list[tuple]:
+def run_shard(batches: dict[str, Batch], cases: list[Case], rank: int, world_size: int, group) -> list[tuple]:
     projection = synthetic_projection()
     width = PADDED_VOCAB // world_size
     results = []
     for case in cases:
+        batch = batches[case.batch]
         student = batch.student[..., rank * width : (rank + 1) * width].clone().requires_grad_(True)
         loss = per_chunk_loss(batch, projection, student, case, group)
         loss.mean().backward()
@@ -130,21 +159,21 @@ def run_shard(batch: Batch, cases: list[Case], rank: int, world_size: int, group
     return results
 
 
-def _rank_worker(batch: Batch, cases: list[Case]) -> list[tuple]:
-    return run_shard(batch, cases, dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+def _rank_worker(batches: dict[str, Batch], cases: list[Case]) -> list[tuple]:
+    return run_shard(batches, cases, dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
 
 
 @functools.lru_cache(maxsize=None)
 def results_at(tp: int):
-    batch, cases = make_batch(), all_cases()
-    per_rank = [run_shard(batch, cases, 0, 1, None)] if tp == 1 else run_on_ranks(_rank_worker, tp, args=(batch, cases))
+    batches, cases = all_batches(), all_cases()
+    per_rank = [run_shard(batches, cases, 0, 1, None)] if tp == 1 else run_on_ranks(_rank_worker, tp, args=(batches, cases))
     assembled = []
     for i in range(len(cases)):
         losses = [rank_results[i][0] for rank_results in per_rank]
         for other in losses[1:]:
             assert torch.equal(other, losses[0]), "every TP rank must compute the same loss"
         assembled.append((losses[0], torch.cat([r[i][1] for r in per_rank], dim=-1)))
-    return batch, cases, assembled
+    return batches, cases, assembled
 
 
 def reference_loss(batch: Batch, case: Case) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,20 +207,41 @@ def reference_loss(batch: Batch, case: Case) -> tuple[torch.Tensor, torch.Tensor
     return loss.detach(), student.grad
 
 
-@pytest.mark.parametrize("tp", TP_SIZES)
-def test_losses_and_gradients_match_the_dense_reference(tp: int) -> None:
-    batch, cases, results = results_at(tp)
+def mismatches(tp: int, batch_name: str) -> list[str]:
+    """The cases on ``batch_name`` that miss the reference, are not finite, or move a -inf logit."""
+    batches, cases, results = results_at(tp)
+    batch = batches[batch_name]
     failures = []
     for case, (loss, grad) in zip(cases, results):
+        if case.batch != batch_name:
+            continue
         expected_loss, expected_grad = reference_loss(batch, case)
         errors = (rel_err(loss, expected_loss), rel_err(grad, expected_grad))
-        if max(errors) > TOLERANCE:
-            failures.append(f"{case}: loss rel err {errors[0]:.2e}, grad rel err {errors[1]:.2e}")
+        finite = bool(torch.isfinite(loss).all() and torch.isfinite(grad).all())
+        zero_at_minus_inf = bool(torch.all(grad[batch.student == -torch.inf] == 0))
+        if not (max(errors) <= TOLERANCE and finite and zero_at_minus_inf):
+            failures.append(
+                f"{case}: loss rel err {errors[0]:.2e}, grad rel err {errors[1]:.2e}, finite {finite}, "
+                f"0 gradient at -inf {zero_at_minus_inf}"
+            )
+    return failures
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+def test_losses_and_gradients_match_the_dense_reference(tp: int) -> None:
+    failures = mismatches(tp, "finite")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+def test_student_minus_inf_logits_match_the_dense_reference(tp: int) -> None:
+    failures = mismatches(tp, "student_minus_inf")
     assert not failures, "\n".join(failures)
 
 
 def test_padding_and_positions_off_the_chunks_get_no_gradient() -> None:
-    batch, cases, results = results_at(1)
+    batches, cases, results = results_at(1)
+    batch = batches["finite"]
     for _, grad in results:
         assert torch.all(grad[..., VOCAB_SIZE:] == 0)
         assert torch.all(grad[batch.student_chunks < 0] == 0)

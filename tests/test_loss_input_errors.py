@@ -1,11 +1,19 @@
-"""Specification: bad input to the losses raises ValueError naming the argument and the fix."""
+"""Specification: bad input to the losses raises ValueError naming the argument and the fix.
+
+-inf logits are tokens of probability 0 and legal; NaN or +inf teacher logits (or a teacher position
+of only -inf) raise. NaN or +inf student logits are not checked (that would cost a device sync) but
+never give a finite loss where the loss reads them (every logit, except in top-k ``renorm`` mode,
+which reads only the logits at the teacher's ids).
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from megatron_mopd.losses import generalized_jsd, masked_sum_and_count, topk_generalized_jsd
+from megatron_mopd.testing import run_on_ranks
 
 V = 32
 
@@ -89,6 +97,60 @@ def test_teacher_logprobs_nan_or_positive_infinity(bad_value: float) -> None:
     logprobs[0, 0, 0] = bad_value
     with pytest.raises(ValueError, match="NaN or \\+inf"):
         topk_generalized_jsd(student(), logprobs, ids)
+
+
+@pytest.mark.parametrize(
+    ("bad_value", "problem"), [(float("nan"), "has a NaN logit"), (float("inf"), "has a \\+inf logit")]
+)
+def test_teacher_logits_nan_or_positive_infinity(bad_value: float, problem: str) -> None:
+    teacher = student()
+    teacher[2, 1, 5] = bad_value
+    with pytest.raises(ValueError, match=rf"teacher_logits\[2, 1\] {problem}.*mask banned tokens with -inf"):
+        generalized_jsd(student(), teacher)
+
+
+def test_teacher_logits_all_minus_infinity_at_a_position() -> None:
+    teacher = student()
+    teacher[1, 0, :] = -torch.inf
+    with pytest.raises(ValueError, match=r"teacher_logits\[1, 0\] is -inf at every vocabulary id"):
+        generalized_jsd(student(), teacher)
+
+
+def test_teacher_minus_inf_logits_are_legal_and_padding_is_never_read() -> None:
+    teacher = student()
+    teacher[..., V - 2 :] = torch.nan  # padding is never read
+    teacher[..., : V - 2 : 3] = -torch.inf
+    assert torch.isfinite(generalized_jsd(student(), teacher, vocab_size=V - 2)).all()
+
+
+def _nan_teacher_on_rank_1() -> str:
+    """Rank 1's shard holds the NaN: every rank must raise the same error (none waits in a collective)."""
+    gen = torch.Generator().manual_seed(0)
+    student_logits, teacher_logits = torch.randn(2, 3, 2 * V, generator=gen).unbind(0)
+    teacher_logits[2, V + 4] = torch.nan
+    columns = slice(dist.get_rank() * V, (dist.get_rank() + 1) * V)
+    try:
+        generalized_jsd(student_logits[:, columns], teacher_logits[:, columns], tp_group=dist.group.WORLD)
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def test_teacher_nan_on_one_tensor_parallel_rank_raises_on_every_rank() -> None:
+    messages = run_on_ranks(_nan_teacher_on_rank_1, 2)
+    assert messages[0] == messages[1] and messages[0].startswith("teacher_logits[2] has a NaN logit")
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_student_logits_nan_or_positive_infinity_give_a_non_finite_loss(bad_value: float, beta: float) -> None:
+    """Not an error (no device sync is spent on the student), but never a finite loss."""
+    logits = student()
+    logits[3, 0, 7] = bad_value
+    loss = generalized_jsd(logits, student(), beta=beta)
+    assert not torch.isfinite(loss[3, 0]) and torch.isfinite(loss[:3]).all()
+    logprobs, ids = teacher_topk()
+    assert not torch.isfinite(topk_generalized_jsd(logits, logprobs, ids, beta=beta)[3, 0])
 
 
 def test_logits_passed_as_logprobs_in_tail_mode() -> None:

@@ -6,6 +6,13 @@ student logits match the dense float64 reference of ``dense_reference.py`` withi
 (norm-wise). The batch has positions masked with label -100, a padded vocabulary (190 real ids in 256,
 so at TP = 4 the last rank holds no real id), teacher rows with absent (-inf) entries and a masked row
 with no teacher entry at all. Half of the cases use a 4-token chunk so the chunked path is covered. Three full-vocabulary cases use the torch.compile-fused core.
+
+-inf logits are tokens of probability 0 (0·log 0 = 0). Four more batches put -inf in the student, the
+teacher, both at the same ids, or the student at the teacher's top-k ids; each also has a position
+whose ids 128..189 are all -inf (the whole real part of rank 1 at TP = 2 and of rank 2 at TP = 4) and
+-inf padding. They run for every β whose divergence is finite on them (β = 0 needs no student -inf
+where the teacher has mass, β = 1 no teacher -inf where the student has mass): loss and gradient
+match the reference, everything is finite, and the gradient at a student -inf logit is exactly 0.
 """
 
 from __future__ import annotations
@@ -41,6 +48,18 @@ class Case:
     tail: str = ""
     chunk_size: Optional[int] = None
     fused: bool = False
+    batch: str = "finite"  # a key of all_batches()
+
+
+# Batches with -inf logits -> (the β whose divergence is finite on them, the top-k tail modes run).
+# "student_at_teacher_ids" puts a student -inf at the teacher's top-1 id, where the renormalized
+# student over K = 1 ids does not exist: it runs in tail mode only.
+MASKED_BATCHES: dict[str, tuple[tuple[float, ...], tuple[str, ...]]] = {
+    "student": ((0.1, 0.5, 0.9, 1.0), TAIL_MODES),
+    "teacher": ((0.0, 0.1, 0.5, 0.9), TAIL_MODES),
+    "both": ((0.0, 0.1, 0.5, 0.9, 1.0), TAIL_MODES),
+    "student_at_teacher_ids": ((0.1, 0.5, 0.9), ("tail",)),
+}
 
 
 def all_cases() -> list[Case]:
@@ -50,7 +69,16 @@ def all_cases() -> list[Case]:
         for b, t, k, tail in itertools.product(BETAS, TEMPERATURES, TOPK_SIZES, TAIL_MODES)
     ]
     fused = [Case("full", b, 2.0, fused=True) for b in (0.0, 0.5, 1.0)]
-    cases = full + topk + fused
+    masked = [
+        case
+        for name, (betas, tails) in MASKED_BATCHES.items()
+        for i, beta in enumerate(betas)
+        for case in [Case("full", beta, TEMPERATURES[i % 3], batch=name)]
+        + [Case("topk", beta, TEMPERATURES[(i + j) % 3], k, tail, batch=name)
+           for j, (k, tail) in enumerate(itertools.product(TOPK_SIZES, tails))]
+    ]
+    masked_fused = [Case("full", 0.5, 2.0, fused=True, batch="both")]
+    cases = full + topk + fused + masked + masked_fused
     return [Case(**{**c.__dict__, "chunk_size": 4 if i % 2 else None}) for i, c in enumerate(cases)]
 
 
@@ -68,6 +96,11 @@ def make_batch(seq: int = 6, batch: int = 2, seed: int = 0) -> Batch:
     teacher = torch.randn(seq, batch, PADDED_VOCAB, generator=gen) * 2.0
     labels = torch.randint(0, VOCAB_SIZE, (seq, batch), generator=gen)
     labels[0, 1] = labels[3, 0] = -100
+    return with_teacher_topk(student, teacher, labels)
+
+
+def with_teacher_topk(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> Batch:
+    """The batch, with the teacher's top-K of every K taken from ``teacher``."""
     teacher_logp = torch.log_softmax(teacher[..., :VOCAB_SIZE], dim=-1)
     topk = {}
     for k in TOPK_SIZES:
@@ -78,6 +111,45 @@ def make_batch(seq: int = 6, batch: int = 2, seed: int = 0) -> Batch:
         ids[3, 0, :] = 0
         topk[k] = (logprobs, ids)
     return Batch(student, teacher, labels, topk)
+
+
+RANK_BLOCK = slice(128, VOCAB_SIZE)  # the real ids of rank 1 at TP = 2 (of rank 2 at TP = 4)
+BLOCK_POSITION = (1, 1)  # a position whose ids in RANK_BLOCK are all -inf
+
+
+def make_masked_batch(kind: str, seed: int = 1) -> Batch:
+    """The finite batch with -inf logits placed as ``kind`` (a key of MASKED_BATCHES) says.
+
+    A random ~20% of the real ids of every position, all of RANK_BLOCK at BLOCK_POSITION and all
+    padding go to -inf: in the student ("student"), the teacher ("teacher"), or both at the same ids
+    ("both"). The student is never -inf at the teacher's most probable id, so a renormalized top-K
+    student always has mass. "student_at_teacher_ids": the student is -inf at the teacher's top-1
+    id on batch row 0, at its top-2 id on row 1, and the teacher -inf at other random ids.
+    """
+    base = make_batch()
+    gen = torch.Generator().manual_seed(seed)
+    masked = torch.rand(base.student.shape, generator=gen) < 0.2
+    masked[BLOCK_POSITION][RANK_BLOCK] = True
+    masked[..., VOCAB_SIZE:] = True
+    teacher_top = base.teacher[..., :VOCAB_SIZE].topk(2, dim=-1).indices
+    assert teacher_top[BLOCK_POSITION][0] < RANK_BLOCK.start, "the block must leave the teacher's mode"
+    student, teacher = base.student.clone(), base.teacher.clone()
+    if kind == "student_at_teacher_ids":
+        teacher[masked] = -torch.inf
+        teacher_top = teacher[..., :VOCAB_SIZE].topk(2, dim=-1).indices
+        student[:, 0].scatter_(-1, teacher_top[:, 0, :1], -torch.inf)
+        student[:, 1].scatter_(-1, teacher_top[:, 1, 1:], -torch.inf)
+        return with_teacher_topk(student, teacher, base.labels)
+    masked.scatter_(-1, teacher_top[..., :1], False)
+    if kind in ("student", "both"):
+        student[masked] = -torch.inf
+    if kind in ("teacher", "both"):
+        teacher[masked] = -torch.inf
+    return with_teacher_topk(student, teacher, base.labels)
+
+
+def all_batches() -> dict[str, Batch]:
+    return {"finite": make_batch(), **{kind: make_masked_batch(kind) for kind in MASKED_BATCHES}}
 
 
 def per_token_loss(batch: Batch, student_shard: torch.Tensor, teacher_shard: torch.Tensor, case: Case, group):
@@ -92,12 +164,13 @@ def per_token_loss(batch: Batch, student_shard: torch.Tensor, teacher_shard: tor
     )
 
 
-def run_shard(batch: Batch, cases: list[Case], rank: int, world_size: int, group) -> list[tuple]:
+def run_shard(batches: dict[str, Batch], cases: list[Case], rank: int, world_size: int, group) -> list[tuple]:
     """This rank's (per-token loss, gradient of the masked mean w.r.t. its logits shard) per case."""
     width = PADDED_VOCAB // world_size
     columns = slice(rank * width, (rank + 1) * width)
     results = []
     for case in cases:
+        batch = batches[case.batch]
         student = batch.student[..., columns].clone().requires_grad_(True)
         loss = per_token_loss(batch, student, batch.teacher[..., columns], case, group)
         total, count = masked_sum_and_count(loss, batch.labels)
@@ -106,18 +179,18 @@ def run_shard(batch: Batch, cases: list[Case], rank: int, world_size: int, group
     return results
 
 
-def _rank_worker(batch: Batch, cases: list[Case]) -> list[tuple]:
-    return run_shard(batch, cases, dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+def _rank_worker(batches: dict[str, Batch], cases: list[Case]) -> list[tuple]:
+    return run_shard(batches, cases, dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
 
 
 @functools.lru_cache(maxsize=None)
-def results_at(tp: int) -> tuple[Batch, list[Case], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Per case: (loss, full-vocabulary gradient assembled from the TP shards)."""
-    batch, cases = make_batch(), all_cases()
+def results_at(tp: int) -> tuple[dict[str, Batch], list[Case], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per case: (loss, full-vocabulary gradient assembled from the TP shards); one launch per TP."""
+    batches, cases = all_batches(), all_cases()
     if tp == 1:  # in-process, without any process group
-        per_rank = [run_shard(batch, cases, 0, 1, None)]
+        per_rank = [run_shard(batches, cases, 0, 1, None)]
     else:
-        per_rank = run_on_ranks(_rank_worker, tp, args=(batch, cases))
+        per_rank = run_on_ranks(_rank_worker, tp, args=(batches, cases))
     assembled = []
     for i in range(len(cases)):
         losses = [rank_results[i][0] for rank_results in per_rank]
@@ -125,7 +198,7 @@ def results_at(tp: int) -> tuple[Batch, list[Case], list[tuple[torch.Tensor, tor
             assert torch.equal(other, losses[0]), "every TP rank must compute the same loss"
         grad = torch.cat([rank_results[i][1] for rank_results in per_rank], dim=-1)
         assembled.append((losses[0], grad))
-    return batch, cases, assembled
+    return batches, cases, assembled
 
 
 def reference(batch: Batch, case: Case) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,29 +225,77 @@ def reference(batch: Batch, case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     return loss.detach(), student.grad
 
 
-def mismatches(tp: int, kind: str) -> list[str]:
-    batch, cases, results = results_at(tp)
+def mismatches(tp: int, kind: str, with_minus_inf: bool) -> list[str]:
+    """The ``kind`` cases on the finite batch (``with_minus_inf`` False) or on the -inf batches that
+    miss the reference, give a non-finite loss or gradient, or a gradient at a student -inf logit."""
+    batches, cases, results = results_at(tp)
     failures = []
     for case, (loss, grad) in zip(cases, results):
-        if case.loss != kind:
+        if case.loss != kind or (case.batch != "finite") != with_minus_inf:
             continue
+        batch = batches[case.batch]
         ref_loss, ref_grad = reference(batch, case)
         kept = batch.labels != -100
         loss_err = dense.rel_err(loss[kept], ref_loss[kept])
         grad_err = dense.rel_err(grad, ref_grad)
-        if not (loss_err <= TOLERANCE and grad_err <= TOLERANCE) or not torch.isfinite(loss).all():
-            failures.append(f"{case}: loss rel err {loss_err:.2e}, grad rel err {grad_err:.2e}")
+        finite = bool(torch.isfinite(loss).all() and torch.isfinite(grad).all())
+        zero_at_minus_inf = bool(torch.all(grad[batch.student == -torch.inf] == 0))
+        if not (loss_err <= TOLERANCE and grad_err <= TOLERANCE and finite and zero_at_minus_inf):
+            failures.append(
+                f"{case}: loss rel err {loss_err:.2e}, grad rel err {grad_err:.2e}, finite {finite}, "
+                f"0 gradient at student -inf {zero_at_minus_inf}"
+            )
     return failures
 
 
 @pytest.mark.parametrize("tp", TP_SIZES)
 def test_full_vocab_jsd_equals_dense_reference(tp: int) -> None:
-    assert mismatches(tp, "full") == []
+    assert mismatches(tp, "full", with_minus_inf=False) == []
 
 
 @pytest.mark.parametrize("tp", TP_SIZES)
 def test_topk_jsd_equals_dense_reference(tp: int) -> None:
-    assert mismatches(tp, "topk") == []
+    assert mismatches(tp, "topk", with_minus_inf=False) == []
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+def test_full_vocab_jsd_with_minus_inf_logits_equals_dense_reference(tp: int) -> None:
+    assert mismatches(tp, "full", with_minus_inf=True) == []
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+def test_topk_jsd_with_minus_inf_logits_equals_dense_reference(tp: int) -> None:
+    assert mismatches(tp, "topk", with_minus_inf=True) == []
+
+
+def test_minus_inf_batches_cover_what_they_claim() -> None:
+    """Each -inf batch has -inf where its docstring says, and only on the side it names."""
+    batches = all_batches()
+    for kind in ("student", "teacher", "both"):
+        student_inf, teacher_inf = (x[..., :VOCAB_SIZE] == -torch.inf for x in (batches[kind].student, batches[kind].teacher))
+        assert student_inf.any() == (kind != "teacher") and teacher_inf.any() == (kind != "student")
+        side = batches[kind].teacher if kind == "teacher" else batches[kind].student
+        assert torch.all(side[BLOCK_POSITION][RANK_BLOCK] == -torch.inf)
+        assert torch.all(side[..., VOCAB_SIZE:] == -torch.inf)
+        if kind == "both":
+            assert torch.equal(student_inf, teacher_inf)
+    at_ids = batches["student_at_teacher_ids"]
+    for k in TOPK_SIZES:
+        logprobs, ids = at_ids.topk[k]
+        student_at_ids = at_ids.student.gather(-1, ids)[torch.isfinite(logprobs)]
+        assert (student_at_ids == -torch.inf).any()
+
+
+def test_issue_reproduction_teacher_minus_inf_logit() -> None:
+    """A teacher -inf logit (β < 1) gave NaN; the loss is the float64 reference's finite value."""
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(1, 8, generator=gen)
+    teacher[0, 3] = -torch.inf
+    student = torch.randn(1, 8, generator=gen)
+    loss = generalized_jsd(student, teacher, beta=0.5)
+    expected = dense.full_vocab_jsd(student.double(), teacher.double(), 0.5, 1.0, 8)
+    assert torch.isfinite(expected).all()
+    assert abs(float(loss) - float(expected)) <= 1e-5
 
 
 def test_padded_vocabulary_ids_get_no_gradient() -> None:
@@ -184,8 +305,8 @@ def test_padded_vocabulary_ids_get_no_gradient() -> None:
 
 
 def test_masked_positions_get_no_gradient() -> None:
-    batch, _, results = results_at(1)
-    masked = batch.labels == -100
+    batches, _, results = results_at(1)
+    masked = batches["finite"].labels == -100
     for _, grad in results:
         assert torch.all(grad[masked] == 0)
 

@@ -24,6 +24,7 @@ from megatron_mopd.losses.multi_teacher import (
     teacher_losses,
 )
 from megatron_mopd.losses.reduction import IGNORE_INDEX, masked_sum_and_count
+from megatron_mopd.losses.token_logprob import vocab_parallel_token_logprobs
 from megatron_mopd.losses.topk import TAIL_MODES, topk_generalized_jsd
 from megatron_mopd.parallel.topk import vocab_parallel_topk
 
@@ -45,5 +46,6 @@ __all__ = [
     "generalized_jsd_terms",
     "masked_sum_and_count",
     "topk_generalized_jsd",
+    "vocab_parallel_token_logprobs",
     "vocab_parallel_topk",
 ]

@@ -130,6 +130,7 @@ def scored_logsumexp(
         for group in positions.groups:
             z = _load_rows(workspace[: group.size], logits_2d, group, shard.num_valid, temperature)
             row_max = z.amax(dim=-1, keepdim=True)
+            row_max.masked_fill_(row_max == -torch.inf, 0.0)  # a row of only -inf: exp gives 0, not NaN
             local[group.scored] = z.sub_(row_max).exp_().sum(-1).log_().add_(row_max.squeeze(-1))
     return shard.logsumexp(local)
 

@@ -44,7 +44,6 @@ from megatron_mopd.losses.chunk_projection import (
     scored_logsumexp,
 )
 from megatron_mopd.losses.divergence import (
-    ABSENT_LOGPROB,
     generalized_jsd_on_support,
     validate_beta,
     validate_temperature,
@@ -254,14 +253,14 @@ def _restricted(teacher: ChunkTeacher, keep: torch.Tensor, tail: str) -> ChunkTe
 def _chunk_divergence(projected: torch.Tensor, teacher: ChunkTeacher, beta: float, tail: str) -> torch.Tensor:
     """Generalized JSD per chunk between the student's projected probabilities [C, K] and the teacher."""
     present = teacher.present
-    teacher_logp = torch.where(present, teacher.probs.clamp_min(_TINY).log(), ABSENT_LOGPROB)
+    teacher_logp = torch.where(present, teacher.probs.clamp_min(_TINY).log(), -torch.inf)
     if tail == "tail":
-        student_logp = torch.where(present, projected.clamp_min(_TINY).log(), ABSENT_LOGPROB)
+        student_logp = torch.where(present, projected.clamp_min(_TINY).log(), -torch.inf)
         student_tail = (1.0 - projected.sum(-1)).clamp_min(_TINY).log()
         teacher_tail = teacher.tail_mass.clamp_min(_TINY).log()
         student_logp = torch.cat([student_logp, student_tail[:, None]], dim=-1)
         teacher_logp = torch.cat([teacher_logp, teacher_tail[:, None]], dim=-1)
     else:
         mass = projected.sum(-1, keepdim=True).clamp_min(_TINY)
-        student_logp = torch.where(present, (projected / mass).clamp_min(_TINY).log(), ABSENT_LOGPROB)
+        student_logp = torch.where(present, (projected / mass).clamp_min(_TINY).log(), -torch.inf)
     return generalized_jsd_on_support(student_logp, teacher_logp, beta)

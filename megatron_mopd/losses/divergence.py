@@ -20,8 +20,16 @@ where s, t are log-probabilities. Treating s as free, g_j = ∂loss/∂s_j is
 A caller turns g into logit gradients with the Jacobian of its own normalization; for a softmax
 s = z/τ − logsumexp(z/τ) that is ∂loss/∂z = (g − p_s · Σ_j g_j) / τ.
 
-Inputs must be finite: callers represent an entry that is absent on both sides by the same very
-negative log-probability on both sides (``ABSENT_LOGPROB``), which contributes exactly 0.
+Zero probabilities: a log-probability may be -inf on either side (a masked or banned token, an
+entry absent from a support). Every term whose weight is 0 contributes 0·log 0 = 0 to the loss and
+exactly 0 to g: for β = 0 the entries with p_t = 0, for β = 1 those with p_s = 0, and in the mixture
+each of its two sums drops the entries where its own weight (p_t, resp. p_s) is 0 — there m stays
+finite as long as one side is positive. A probability that rounds to 0 in float32 counts as 0.
+Two divergences are genuinely infinite and come out as +inf (with a non-finite g for β = 1):
+β = 0 when the student is -inf where the teacher has mass, β = 1 when the teacher is -inf where the
+student has mass. For 0 < β < 1 the loss is finite whenever both rows are distributions.
+NaN and +inf are not log-probabilities: a NaN input gives a NaN loss (never a finite one); the
+callers turn logits into log-probabilities, where a NaN or +inf logit makes the whole row NaN.
 """
 
 from __future__ import annotations
@@ -31,10 +39,6 @@ import math
 from typing import Callable
 
 import torch
-
-# exp(ABSENT_LOGPROB) == 0 in float32 and float64, and ABSENT − ABSENT == 0: an entry set to this on
-# both sides adds nothing to the loss or its gradient, without -inf arithmetic (which yields NaN).
-ABSENT_LOGPROB = -1.0e4
 
 
 def validate_beta(beta: float) -> None:
@@ -53,25 +57,29 @@ def generalized_jsd_terms(
     """Loss summed over the support and its gradient with respect to the student log-probs.
 
     Args:
-        student_logp, teacher_logp: float32 ``[..., S]`` finite log-probabilities over one support
-            (S may be a vocabulary shard: then the returned sums are partial sums).
+        student_logp, teacher_logp: float32 ``[..., S]`` log-probabilities over one support, -inf
+            for probability 0 (S may be a vocabulary shard: then the returned sums are partial sums).
         beta: interpolation in [0, 1].
     Returns:
         ``(loss [...], g [..., S])`` with ``loss = Σ_j ℓ_j`` and ``g_j = ∂loss/∂student_logp_j``.
     """
     s, t = student_logp, teacher_logp
+    # Each weighted sum drops the entries whose weight is exactly 0 (0·log 0 = 0) with masked_fill_
+    # on ``== 0``: a NaN weight is not 0 and still propagates.
     if beta == 0.0:
         p_t = t.exp()
-        loss = _rowdot(p_t, t - s)
+        loss = _rowdot(p_t, (t - s).masked_fill_(p_t == 0, 0.0))
         return loss, p_t.neg_()
     p_s = s.exp()
     if beta == 1.0:
-        log_ratio = s - t
+        log_ratio = (s - t).masked_fill_(p_s == 0, 0.0)
         loss = _rowdot(p_s, log_ratio)
         return loss, log_ratio.add_(1.0).mul_(p_s)
     m_minus_s, t_minus_m = _log_ratios_to_mixture(s, t, beta)
-    student_term = m_minus_s.mul_(p_s)  # p_s (m − s)
-    loss = _rowdot(t.exp(), t_minus_m).mul_(beta).sub_(student_term.sum(-1), alpha=1.0 - beta)
+    student_term = m_minus_s.mul_(p_s).masked_fill_(p_s == 0, 0.0)  # p_s (m − s)
+    p_t = t.exp()
+    loss = _rowdot(p_t, t_minus_m.masked_fill_(p_t == 0, 0.0))
+    loss.mul_(beta).sub_(student_term.sum(-1), alpha=1.0 - beta)
     return loss, student_term.mul_(beta - 1.0)
 
 
@@ -80,15 +88,17 @@ def _log_ratios_to_mixture(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(m − s, t − m) for m = log((1−β)e^s + βe^t), without cancellation when s ≈ t.
 
-    With d = t − s and w = β if d < 0 else 1 − β:  m − s = max(d, 0) + log1p(w · expm1(−|d|))
-    and t − m = d − (m − s). Both are exactly 0 when s = t; expm1(−|d|) never overflows.
-    w · expm1(−|d|) = (½ + (½ − β)·sign(d)) · expm1(−|d|): at d = 0 the weight does not matter.
+    With d = t − s, w = β if d < 0 else 1 − β and l = log1p(w · expm1(−|d|)):
+    m − s = max(d, 0) + l and t − m = min(d, 0) − l. Both are exactly 0 when s = t; expm1(−|d|)
+    never overflows. w · expm1(−|d|) = (½ + (½ − β)·sign(d)) · expm1(−|d|): at d = 0 the weight does
+    not matter. One side at -inf: d = ±inf gives l = log β (d = +inf) or log(1 − β) (d = −inf), so the
+    ratio of the side with mass stays finite and the other is ±inf (the caller drops it: weight 0).
     """
     d = t - s
-    weighted = d.abs().neg_().expm1_()
-    weighted.mul_(0.5).addcmul_(weighted, torch.sign(d), value=1.0 - 2.0 * beta)
-    m_minus_s = d.clamp_min(0.0).add_(weighted.log1p_())
-    return m_minus_s, d.sub_(m_minus_s)
+    l = d.abs().neg_().expm1_()
+    l.mul_(0.5).addcmul_(l, torch.sign(d), value=1.0 - 2.0 * beta).log1p_()
+    m_minus_s = d.clamp_min(0.0).add_(l)
+    return m_minus_s, d.clamp_max_(0.0).sub_(l)
 
 
 @functools.cache

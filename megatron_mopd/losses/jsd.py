@@ -13,6 +13,11 @@ Forward, one pass over token chunks; per chunk:
   3. the gradient of the chunk, written into the single float32 buffer kept for backward.
 Backward scales that buffer by the upstream gradient in place. The teacher is a constant: no
 gradient flows into ``teacher_logits``.
+
+A -inf logit is a token of probability 0 on that side (divergence.py says which β make the loss
++inf). A NaN or +inf teacher logit, or a teacher row of only -inf, is not a distribution: it makes
+that position's loss NaN, so after the loop one check of the per-token loss (the call's only device
+sync) finds such rows and raises ValueError. A NaN or +inf student logit gives a NaN loss there.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ class _VocabParallelGeneralizedJSD(torch.autograd.Function):
                 s.exp_(), loss_and_g_sum[1, :, None], value=-coef
             )
 
+        if not bool(torch.isfinite(loss).all()):
+            _raise_on_invalid_teacher_rows(z_t, loss, shard, temperature, rows_per_chunk, teacher_logits.shape[:-1])
         ctx.save_for_backward(grad)
         ctx.logits_shape, ctx.logits_dtype = student_logits.shape, student_logits.dtype
         ctx.backward_done = False
@@ -79,6 +86,44 @@ class _VocabParallelGeneralizedJSD(torch.autograd.Function):
         grad.mul_(grad_loss.reshape(-1, 1))
         grad_logits = grad.view(ctx.logits_shape).to(ctx.logits_dtype)
         return grad_logits, None, None, None, None, None, None, None
+
+
+def _raise_on_invalid_teacher_rows(
+    z_t: torch.Tensor,
+    loss: torch.Tensor,
+    shard: VocabShard,
+    temperature: float,
+    rows_per_chunk: int,
+    leading_shape: torch.Size,
+) -> None:
+    """Raise ValueError naming the first position whose teacher logits are not a distribution.
+
+    Runs only when some loss is not finite, which every invalid teacher row causes; a student NaN or
+    a genuinely infinite divergence also gets here and passes. The loss is the same on every rank,
+    so all ranks take this path and its collective together.
+    """
+    suspects = torch.nonzero(~torch.isfinite(loss)).squeeze(1)
+    local_lse = torch.cat([
+        torch.logsumexp(tempered_fp32(z_t[suspects[part], : shard.num_valid], temperature), dim=-1)
+        for part in row_slices(suspects.numel(), rows_per_chunk)
+    ])
+    lse = shard.logsumexp(local_lse)  # NaN: a NaN logit; +inf: a +inf logit; -inf: only -inf
+    invalid = torch.nonzero(~torch.isfinite(lse)).squeeze(1)
+    if invalid.numel() == 0:
+        return
+    first = int(invalid[0])
+    value = float(lse[first])
+    position = ", ".join(str(int(i)) for i in torch.unravel_index(suspects[first], leading_shape))
+    problem = (
+        "has a NaN logit" if value != value
+        else "has a +inf logit (or one that overflows float32 at this temperature)" if value > 0
+        else "is -inf at every vocabulary id"
+    )
+    raise ValueError(
+        f"teacher_logits[{position}] {problem}: each teacher position must be a distribution, with "
+        f"finite logits and -inf only for tokens of probability 0; check the teacher's forward pass "
+        f"(e.g. a float16 overflow) and mask banned tokens with -inf, not NaN or +inf"
+    )
 
 
 def generalized_jsd(
@@ -97,7 +142,10 @@ def generalized_jsd(
 
     Args:
         student_logits: ``[..., V_local]`` this rank's shard (any float dtype; math in float32).
-        teacher_logits: same shape and sharding as ``student_logits``; treated as a constant.
+            -inf marks a token of probability 0; a NaN or +inf logit gives a NaN loss at its position.
+        teacher_logits: same shape and sharding as ``student_logits``; treated as a constant. -inf
+            marks a token of probability 0; a NaN or +inf logit, or a position whose logits are all
+            -inf, raises ValueError.
         beta: 0 → forward KL(T‖S), 1 → reverse KL(S‖T), else β·KL(T‖M) + (1−β)·KL(S‖M) with
             M = (1−β)·S + β·T (TRL's convention).
         temperature: τ > 0; both sides are softened as ``log_softmax(z / τ)``.
@@ -112,6 +160,8 @@ def generalized_jsd(
     Returns:
         float32 ``[...]``: the loss of each position (identical on every TP rank). Reduce it with
         ``masked_sum_and_count``. Backward keeps one float32 buffer of the local logits' size.
+        A position's loss is +inf where the divergence is: β = 0 with a student -inf where the
+        teacher has mass, β = 1 with a teacher -inf where the student has mass.
     """
     validate_beta(beta)
     validate_temperature(temperature)

@@ -27,7 +27,6 @@ from typing import Literal, Optional
 import torch
 
 from megatron_mopd.losses.divergence import (
-    ABSENT_LOGPROB,
     generalized_jsd_terms,
     validate_beta,
     validate_temperature,
@@ -68,14 +67,13 @@ class _VocabParallelTopKJSD(torch.autograd.Function):
         student_at_ids = shard.gather_columns(z, ids, present).div_(temperature)
         if tail:
             lse = shard.logsumexp(local_logsumexp(z, shard.num_valid, temperature, rows_per_chunk))
-            s_ids = torch.where(present, student_at_ids - lse[:, None], ABSENT_LOGPROB)
+            s_ids = torch.where(present, student_at_ids - lse[:, None], -torch.inf)
             p_ids = s_ids.exp()
             student_tail_mass = (1.0 - p_ids.sum(-1)).clamp_min_(_TINY)
             student = torch.cat([s_ids, student_tail_mass.log()[:, None]], dim=-1)
             teacher_tail = (1.0 - torch.where(present, t_raw.exp(), 0.0).sum(-1)).clamp_min_(_TINY)
             teacher = torch.cat([torch.where(present, t_raw, -torch.inf), teacher_tail.log()[:, None]], -1)
-            teacher = torch.log_softmax(teacher / temperature, dim=-1)
-            teacher[:, :k] = torch.where(present, teacher[:, :k], ABSENT_LOGPROB)
+            teacher = torch.log_softmax(teacher / temperature, dim=-1)  # absent entries stay -inf
         else:
             student = _renormalized(student_at_ids, present)
             teacher = _renormalized(t_raw / temperature, present)
@@ -139,9 +137,9 @@ def _tail_gradient(
 
 
 def _renormalized(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the present entries; absent entries (and rows with none) → ABSENT_LOGPROB."""
+    """log_softmax over the present entries; absent entries (and rows with none) → -inf."""
     logp = torch.log_softmax(torch.where(present, values, -torch.inf), dim=-1)
-    return torch.where(present, logp, ABSENT_LOGPROB)
+    return torch.where(present, logp, -torch.inf)
 
 
 def topk_generalized_jsd(

@@ -72,5 +72,42 @@ def local_logsumexp(
         else:
             torch.mul(chunk, 1.0 / temperature, out=work)
         row_max = work.amax(dim=-1, keepdim=True)
+        row_max.masked_fill_(row_max == -torch.inf, 0.0)  # a row of only -inf: exp gives 0, not NaN
         out[rows] = work.sub_(row_max).exp_().sum(dim=-1).log_().add_(row_max.squeeze(-1))
     return out
+
+
+def softmax_gradient(
+    logits_2d: torch.Tensor,
+    logsumexp: torch.Tensor,
+    dense_coef: torch.Tensor,
+    local_ids: torch.Tensor,
+    ids_grad: torch.Tensor,
+    num_valid: int,
+    temperature: float,
+    rows_per_chunk: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``[N, V_local]`` in ``dtype``: ``p_v · dense_coef`` plus ``ids_grad`` at ``local_ids``.
+
+    The gradient shape of every loss that depends on a softmax p = softmax(logits / τ) over the whole
+    vocabulary and on a few gathered columns. p is recomputed chunk by chunk from the logits and their
+    ``logsumexp`` [N]; ``dense_coef`` is [N, 1]; ``ids_grad`` [N, K] is added at the local columns
+    ``local_ids`` [N, K] (entries this rank does not own must carry 0). Padded columns (>= num_valid)
+    get 0. Written in place when ``dtype`` is float32, else through one chunk-sized float32 buffer.
+    """
+    grad = torch.empty(logits_2d.shape, dtype=dtype, device=logits_2d.device)
+    grad[:, num_valid:] = 0
+    if num_valid == 0:
+        return grad
+    local_ids = local_ids.clamp(max=num_valid - 1)
+    in_place = dtype == torch.float32
+    for rows in row_slices(grad.shape[0], rows_per_chunk):
+        out = grad[rows, :num_valid] if in_place else torch.empty(
+            (rows.stop - rows.start, num_valid), dtype=torch.float32, device=logits_2d.device
+        )
+        softmax_into(out, logits_2d[rows, :num_valid], logsumexp[rows], temperature)
+        out.mul_(dense_coef[rows]).scatter_add_(-1, local_ids[rows], ids_grad[rows])
+        if not in_place:
+            grad[rows, :num_valid] = out
+    return grad

@@ -29,6 +29,7 @@ Requests asking for more than ``--max-logprobs`` top log-probabilities (both pro
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -546,7 +547,47 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-if __name__ == "__main__":
-    from megatron_mopd.cli import main
+HELP = "serve a Hugging Face causal LM as a teacher (vLLM /v1/completions and SGLang /generate subsets)"
+DESCRIPTION = ("Serve a local Hugging Face causal LM directory over HTTP with the subsets of the vLLM and SGLang "
+               "protocols that remote teachers use (prompt log-probabilities, top-K, generation), with the same "
+               "numbers as running the model in-process. Stops on SIGTERM or Ctrl-C.")
 
-    sys.exit(main(["serve-teacher", *sys.argv[1:]]))
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind, 0 for a free one (default 8000)")
+    parser.add_argument(
+        "--max-logprobs", type=int, default=20, metavar="K",
+        help="largest prompt_logprobs / top_logprobs_num a request may ask for (default 20)",
+    )
+    parser.add_argument(
+        "--served-model-name", metavar="NAME", help="model name in /v1/models and responses (default: --model)"
+    )
+    parser.add_argument(
+        "--delay-ms", type=float, default=0.0, metavar="MS",
+        help="latency added to each scoring/generation request, for overlap tests (default 0)",
+    )
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="(default float32)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.getLogger("megatron_mopd.teachers.server").setLevel(logging.INFO)
+    TeacherServer(
+        args.model,
+        args.host,
+        args.port,
+        max_logprobs=args.max_logprobs,
+        served_model_name=args.served_model_name,
+        delay_ms=args.delay_ms,
+        dtype=args.dtype,
+        device=args.device,
+    ).serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    from megatron_mopd.cli import run_command
+
+    sys.exit(run_command("serve-teacher", sys.argv[1:]))

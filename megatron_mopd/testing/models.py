@@ -1,53 +1,5 @@
-"""A tiny Hugging Face causal LM built from a config (no download), saved with a trained tokenizer.
+"""The tiny Hugging Face model directory: a demo asset (``megatron_mopd.demo.models``), used by tests too."""
 
-``tiny_causal_lm_dir()`` is a local model directory usable by ``AutoModelForCausalLM`` /
-``AutoTokenizer`` and ``mopd serve-teacher --model DIR``: a 2-layer Llama-architecture model with
-random weights (fixed seed) over the vocabulary of one of ``testing.tokenizers``' tokenizers. Saved
-once under the cache (``$MOPD_CACHE`` or ``~/.cache/megatron_mopd``), atomically.
-"""
+from megatron_mopd.demo.models import tiny_causal_lm_dir
 
-from __future__ import annotations
-
-import os
-import tempfile
-from pathlib import Path
-
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-from megatron_mopd.testing.tokenizers import TokenizerKind, cache_root, corpus_key, tokenizer_dir
-
-
-def tiny_causal_lm_dir(tokenizer: TokenizerKind = "byte_level_bpe", vocab_size: int = 2000, seed: int = 0) -> Path:
-    """The directory of a tiny random Llama-architecture model with the given trained tokenizer."""
-    target = cache_root().parent / "models" / f"tiny-llama-{tokenizer}-{vocab_size}-s{seed}-{corpus_key()}"
-    if (target / "config.json").exists():
-        return target
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir(tokenizer, vocab_size))
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # sharper than the default init, so top-K differ clearly between positions
-        model.lm_head.weight.mul_(20.0)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    model.save_pretrained(staging)
-    tok.save_pretrained(staging)
-    try:
-        os.replace(staging, target)
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-    return target
+__all__ = ["tiny_causal_lm_dir"]

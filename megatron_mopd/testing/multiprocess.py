@@ -16,20 +16,15 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import traceback
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
+from megatron_mopd.teachers.server_process import free_loopback_port
+
 
 class RankFailure(RuntimeError):
     """One or more ranks raised, or the run exceeded its time limit."""
-
-
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_main(

@@ -1,0 +1,72 @@
+"""The demo's assets, built on first use and cached (``$MOPD_CACHE``, default ``~/.cache/megatron_mopd``).
+
+A configuration names them as ``${demo:NAME}`` (an OmegaConf resolver registered by
+``trainer.config``):
+
+``tokenizer``  a byte-level BPE tokenizer trained on the shipped multilingual sample and the standard
+               library's sources (``demo.tokenizers``);
+``teacher``    a small Llama-architecture Hugging Face model over that tokenizer, sharp output layer;
+``student``    a smaller-norm Llama-architecture model of the same shape (another seed): the student;
+``data``       a JSONL file of prompt/completion pairs cut from the same text.
+
+Nothing is downloaded; each asset is written atomically, so concurrent ranks race harmlessly.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+from megatron_mopd.demo.models import tiny_causal_lm_dir
+from megatron_mopd.demo.tokenizers import MULTILINGUAL_SAMPLE, cache_root, corpus_key, tokenizer_dir
+
+DEMO_VOCAB_SIZE = 2000
+DEMO_CONFIG = Path(__file__).with_name("demo_cpu.yaml")
+
+
+def demo_asset_path(name: str) -> Path:
+    """The path of the demo asset ``name`` (tokenizer, teacher, student, data), built if missing."""
+    builders = {
+        "tokenizer": lambda: tokenizer_dir("byte_level_bpe", DEMO_VOCAB_SIZE),
+        "teacher": lambda: tiny_causal_lm_dir("byte_level_bpe", DEMO_VOCAB_SIZE, seed=0),
+        "student": lambda: tiny_causal_lm_dir("byte_level_bpe", DEMO_VOCAB_SIZE, seed=1, lm_head_scale=1.0),
+        "data": demo_data_path,
+    }
+    if name not in builders:
+        raise ValueError(f"unknown demo asset {name!r}; the demo has {sorted(builders)}")
+    return builders[name]()
+
+
+def demo_data_path() -> Path:
+    """``prompt``/``completion`` JSONL: each line of the multilingual sample and the first paragraph of
+    standard-library module docstrings, split after their first third of words (deterministic)."""
+    from megatron_mopd.trainer.files import atomic_write_text
+
+    target = cache_root().parent / "data" / f"demo-{corpus_key()}.jsonl"
+    if target.exists():
+        return target
+    rows = [json.dumps(_split(text)) for text in _demo_texts()]
+    atomic_write_text(target, "\n".join(rows) + "\n")
+    return target
+
+
+def _demo_texts(limit: int = 256) -> list[str]:
+    texts = [line for line in MULTILINGUAL_SAMPLE.splitlines() if len(line.split()) >= 4]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.glob("*.py")):
+        source = path.read_text(encoding="utf-8", errors="replace").lstrip()
+        if source[:3] in ('"""', "'''"):
+            paragraph = source[3:].split(source[:3])[0].split("\n\n")[0]
+            words = paragraph.split()
+            if len(words) >= 6:
+                texts.append(" ".join(words[:40]))
+        if len(texts) >= limit:
+            break
+    return texts
+
+
+def _split(text: str) -> dict[str, str]:
+    words = text.split(" ")
+    cut = max(1, len(words) // 3)
+    return {"prompt": " ".join(words[:cut]), "completion": " " + " ".join(words[cut:])}

@@ -1,0 +1,1 @@
+"""The MOPD trainer on Megatron-Core: configuration, data, the step, checkpoints, metrics, the loop."""

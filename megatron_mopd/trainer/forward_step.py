@@ -1,0 +1,145 @@
+"""Megatron's ``forward_step(data_iterator, model) -> (output, loss_func)`` contract for distillation.
+
+The data iterator yields ``MicroBatch`` objects: the student's tokens plus everything the loss needs
+(targets, the step's pending teacher scores, which rows of the rank's batch the micro-batch holds).
+``loss_func(logits)`` returns ``(loss_sum, num_tokens, logs)`` for ``calculate_per_token_loss``: the
+schedule sums the loss over micro-batches and data-parallel ranks and divides by the total number of
+completion tokens. This is the one place the loss is checked for NaN/inf (as Megatron-LM's
+``loss_func`` does), before any reduction, naming the step, the rank and the teacher.
+
+The same ``forward_step`` serves the trainer (``trainer.step``) and Megatron-LM's ``pretrain()``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Iterator, Optional
+
+import torch
+
+from megatron_mopd.teachers import PendingTeacherScores, TeacherLogprobs
+from megatron_mopd.trainer.config import TeacherConfig
+from megatron_mopd.trainer.objective import Targets, TeacherTerm, micro_batch_objective
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss of a micro-batch is NaN or infinite; training stops before the update."""
+
+
+class StepTeacherScores:
+    """One teacher's scores for a step's batch on this rank, waited for once, when a loss first needs them.
+
+    ``rows`` maps each sample of the rank's batch to its row in the teacher's answer (−1: the sample is
+    not routed to this teacher and was not sent).
+    """
+
+    def __init__(self, config: TeacherConfig, pending: PendingTeacherScores, rows: torch.Tensor) -> None:
+        self.config, self.rows = config, rows
+        self._pending: Optional[PendingTeacherScores] = pending
+        self._scores: Optional[TeacherLogprobs] = None
+        self.waited_s = 0.0
+
+    def scores(self) -> TeacherLogprobs:
+        """The teacher's rows for every sample of the batch (rows of unsent samples: invalid)."""
+        if self._pending is not None:
+            began = time.perf_counter()
+            answer, self._pending = self._pending.wait(), None
+            self.waited_s = time.perf_counter() - began
+            self._scores = _expand(answer, self.rows)
+        return self._scores
+
+
+def _expand(answer: TeacherLogprobs, rows: torch.Tensor) -> TeacherLogprobs:
+    """Rows of ``answer`` placed at the batch samples that were sent; the others invalid."""
+    if bool((rows == torch.arange(len(rows))).all()) and answer.valid.shape[0] == len(rows):
+        return answer
+    take = rows.clamp_min(0).to(answer.valid.device)
+    sent = (rows >= 0).to(answer.valid.device)[:, None]
+    return TeacherLogprobs(
+        torch.where(sent[..., None], answer.topk_logprobs[take], -torch.inf),
+        torch.where(sent[..., None], answer.topk_ids[take], 0),
+        torch.where(sent, answer.token_logprobs[take], 0.0),
+        sent & answer.valid[take],
+        tuple(answer.sequences[int(i)] if i >= 0 else () for i in rows),
+        None,
+    )
+
+
+@dataclass
+class StepContext:
+    """What every micro-batch of one step shares."""
+
+    step: int
+    teachers: list[StepTeacherScores]
+    routes: dict[str, torch.Tensor]  # teacher name -> bool [B_rank]
+    sft_alpha: float
+    vocab_size: int
+    rank: int
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of this data-parallel rank: tensors ``[b, s]`` and the rows ``[first, first + b)``
+    of the rank's batch it holds."""
+
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    dataset_completion: torch.Tensor
+    first_row: int
+    context: StepContext
+    behaviour_logprobs: Optional[torch.Tensor] = None
+
+
+def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+    """Run the student on the next micro-batch; the loss is computed by the returned ``loss_func``."""
+    batch = next(data_iterator)
+    logits = model(batch.tokens, batch.position_ids, None)
+    return logits, partial(loss_func, batch)
+
+
+def loss_func(batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """``(loss_sum, num_tokens, logs)`` of the micro-batch; ``logs`` maps names to ``[sum, count]``.
+
+    Raises:
+        NonFiniteLossError: the loss, or one teacher's part of it, is NaN or infinite.
+    """
+    context = batch.context
+    rows = slice(batch.first_row, batch.first_row + batch.tokens.shape[0])
+    device = logits.device
+    terms = [
+        TeacherTerm(teacher.config, _rows(teacher.scores(), rows, device), context.routes[teacher.config.name][rows])
+        for teacher in context.teachers
+    ]
+    targets = Targets(batch.labels.to(device), batch.dataset_completion.to(device),
+                      None if batch.behaviour_logprobs is None else batch.behaviour_logprobs.to(device))
+    parts = micro_batch_objective(logits, targets, terms, sft_alpha=context.sft_alpha, vocab_size=context.vocab_size)
+    logs = {"loss": torch.stack([parts.loss_sum.detach(), parts.num_tokens.float()])}
+    for name, (total, count) in parts.divergences.items():
+        logs[f"divergence/{name}"] = torch.stack([total, count])
+    if parts.sft is not None:
+        logs["sft/nll"] = torch.stack(parts.sft)
+    _check_finite(logs, context)
+    return parts.loss_sum, parts.num_tokens.int(), logs
+
+
+def _rows(scores: TeacherLogprobs, rows: slice, device: torch.device) -> TeacherLogprobs:
+    return TeacherLogprobs(scores.topk_logprobs[rows].to(device), scores.topk_ids[rows].to(device),
+                           scores.token_logprobs[rows].to(device), scores.valid[rows].to(device),
+                           scores.sequences[rows], None)
+
+
+def _check_finite(logs: dict[str, torch.Tensor], context: StepContext) -> None:
+    """One device sync per micro-batch: every logged sum must be finite."""
+    sums = torch.stack([value[0] for value in logs.values()])
+    if bool(torch.isfinite(sums).all()):
+        return
+    bad = [name for name, value in logs.items() if not torch.isfinite(value[0])]
+    teachers = [name.split("/", 1)[1] for name in bad if name.startswith("divergence/")]
+    culprit = f"teacher(s) {teachers}" if teachers else f"{bad}"
+    raise NonFiniteLossError(
+        f"step {context.step}, rank {context.rank}: the loss is not finite ({culprit}); nothing was updated. "
+        f"Check the teacher's scores and the student's logits (NaN/inf), or lower train.lr"
+    )

@@ -1,0 +1,329 @@
+"""The training run: set up Megatron-Core, the student, data and teachers; loop over the steps; save.
+
+    report = train(load_config("run.yaml", overrides))   # every rank of a torchrun job calls it
+
+What goes into ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl`` (``trainer.metrics``),
+``checkpoints/`` (``trainer.checkpoint``; ``checkpoint.resume=auto`` continues from the latest),
+``hf/`` (the trained student as a Hugging Face directory), ``report.json`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_mopd.trainer.config import ConfigError, MopdConfig, as_dict, save_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This rank's place in the run."""
+
+    dp_rank: int
+    dp_size: int
+    reporting: bool  # last pipeline stage, TP rank 0, CP rank 0, DP rank 0: writes metrics
+    fetching: bool  # last pipeline stage, TP/CP rank 0: fetches remote teacher scores
+    device_type: str
+
+
+def train(config: MopdConfig, *, say: Optional[Callable[[str], None]] = None) -> Optional[dict[str, Any]]:
+    """Run ``config`` on this rank (collective over the job); returns the report on the reporting rank.
+
+    Raises:
+        ConfigError: the configuration does not fit the job (world size, model sizes, data).
+        NonFiniteLossError, TeacherError, ...: training failed; the last checkpoint stays valid.
+    """
+    from megatron_mopd.parallel import destroy_parallel, initialize_parallel
+
+    parallel = config.parallel
+    try:
+        platform = initialize_parallel(parallel.tp, parallel.pp, parallel.cp, device=parallel.device, seed=config.seed)
+    except ValueError as error:
+        raise ConfigError(f"parallel: {error}") from None
+    try:
+        return _train(config, platform.device_type, say or print)
+    finally:
+        destroy_parallel()
+
+
+def _layout(device_type: str) -> Layout:
+    from megatron.core import parallel_state as ps
+
+    last = ps.is_pipeline_last_stage()
+    fetching = last and ps.get_tensor_and_context_parallel_rank() == 0
+    return Layout(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
+                  fetching and ps.get_data_parallel_rank() == 0, fetching, device_type)
+
+
+def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> Optional[dict[str, Any]]:
+    from transformers import AutoTokenizer
+
+    from megatron_mopd.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from megatron_mopd.trainer.data import GlobalBatchSampler, rank_slice
+    from megatron_mopd.trainer.metrics import MetricsLogger, plot_curves, write_report
+    from megatron_mopd.trainer.step import run_step
+    from megatron_mopd.trainer.teachers import open_teachers
+
+    layout = _layout(device_type)
+    report_say = say if layout.reporting else (lambda _line: None)
+    output_dir = Path(config.output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
+    arch = _architecture(config, tokenizer)
+    _check_layout(config, arch, layout)
+    dataset = _Dataset(config, tokenizer)
+    routes_of = _router(config, dataset)
+    sampler = GlobalBatchSampler(len(dataset.samples), config.train.global_batch_size, seed=config.seed,
+                                 shuffle=config.data.shuffle)
+    trainee = _build_trainee(config, arch, tokenizer, layout, report_say)
+
+    start_step = 0
+    resume = _resume_path(config, output_dir, latest_checkpoint)
+    if resume is not None:
+        start_step, state = load_checkpoint(resume, trainee.model, trainee.optimizer, trainee.scheduler)
+        sampler.load_state_dict(state["data"])
+        report_say(f"resumed from {resume} at step {start_step}")
+    if dist.get_rank() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "config.yaml")
+    dist.barrier()
+
+    def checkpoint(step: int) -> None:
+        path = save_checkpoint(output_dir, step, trainee.model, trainee.optimizer, trainee.scheduler,
+                               {"data": sampler.state_dict(), "config": as_dict(config)},
+                               keep_last=config.checkpoint.keep_last)
+        report_say(f"saved checkpoint {path} (step {step})")
+
+    logger = None
+    began = time.perf_counter()
+    try:
+        with open_teachers(config.teachers, fetching=layout.fetching, log_dir=output_dir / "logs",
+                           say=report_say) as clients:
+            teachers = [(t, clients[t.name]) for t in config.teachers]
+            report_say(_banner(config, arch, layout, start_step))
+            if layout.reporting:
+                logger = MetricsLogger(
+                    output_dir, total_steps=config.train.steps, start_step=start_step,
+                    interval=config.logging.interval, progress=config.logging.progress,
+                    tensorboard=config.logging.tensorboard, wandb_project=config.logging.wandb_project,
+                    config=as_dict(config))
+            for step in range(start_step, config.train.steps):
+                indices = rank_slice(sampler.batch(step), layout.dp_rank, layout.dp_size)
+                samples = [dataset.tokenized(i) for i in indices]
+                result = run_step(step, trainee, samples, teachers, routes_of(indices),
+                                  sft_alpha=config.loss.sft_alpha)
+                sampler.consumed_samples = (step + 1) * config.train.global_batch_size
+                if logger is not None:
+                    logger.log(result)
+                if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0 \
+                        and step + 1 < config.train.steps:
+                    checkpoint(step + 1)
+        if config.checkpoint.save_at_end and start_step < config.train.steps:
+            checkpoint(config.train.steps)
+        if config.checkpoint.export_hf:
+            _export(trainee, arch, tokenizer, output_dir / "hf", report_say)
+    finally:
+        if logger is not None:
+            logger.close()
+    if logger is None:
+        return None
+    report = write_report(output_dir, logger.records, {
+        "output_dir": str(output_dir), "seconds": time.perf_counter() - began, "resumed_from_step": start_step,
+        "layout": {"tp": config.parallel.tp, "pp": config.parallel.pp, "cp": config.parallel.cp,
+                   "dp": layout.dp_size},
+        "rollouts": {"on_policy_steps": 0, "off_policy_steps": config.train.steps - start_step},
+    })
+    plot = plot_curves(output_dir, logger.records) if config.logging.plot else None
+    say(_verdict(report, output_dir, plot))
+    return report
+
+
+def _architecture(config: MopdConfig, tokenizer) -> Any:
+    from megatron_mopd.models import GPTArchitecture
+
+    try:
+        arch = GPTArchitecture.from_hf_config(
+            config.model.path, make_vocab_size_divisible_by=config.model.make_vocab_size_divisible_by)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"model.path={config.model.path}: {error}") from None
+    if len(tokenizer) > arch.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {arch.vocab_size}: "
+            f"model.tokenizer must be the student's own tokenizer"
+        )
+    return arch
+
+
+def _check_layout(config: MopdConfig, arch, layout: Layout) -> None:
+    """Errors up front for sizes that do not fit the job or the model."""
+    tp, pp, cp = config.parallel.tp, config.parallel.pp, config.parallel.cp
+    train = config.train
+    checks = [
+        (arch.num_attention_heads % tp == 0,
+         f"parallel.tp={tp} must divide the model's {arch.num_attention_heads} attention heads"),
+        (arch.num_query_groups % tp == 0,
+         f"parallel.tp={tp} must divide the model's {arch.num_query_groups} key/value heads"),
+        (arch.num_layers % pp == 0, f"parallel.pp={pp} must divide the model's {arch.num_layers} layers"),
+        (config.data.seq_length % (2 * cp) == 0 or cp == 1,
+         f"data.seq_length={config.data.seq_length} must be divisible by 2 * parallel.cp = {2 * cp}"),
+        (config.data.seq_length <= arch.max_position_embeddings,
+         f"data.seq_length={config.data.seq_length} exceeds the model's {arch.max_position_embeddings} positions"),
+        (train.global_batch_size % (train.micro_batch_size * layout.dp_size) == 0,
+         f"train.global_batch_size={train.global_batch_size} must be a multiple of train.micro_batch_size "
+         f"({train.micro_batch_size}) x data-parallel size ({layout.dp_size})"),
+        (train.precision == "fp32" or layout.device_type != "cpu",
+         "train.precision=bf16 needs CUDA or NPU; use fp32 on the CPU"),
+        (not config.parallel.sequence_parallel or layout.device_type != "cpu",
+         "parallel.sequence_parallel needs Transformer Engine or Apex (CUDA); turn it off on the CPU"),
+        (config.rollout.lmbda == 0 and not config.rollout.seq_kd,
+         "rollout.lmbda > 0 and rollout.seq_kd need a rollout engine, which is not available yet: set "
+         "rollout.lmbda=0 and rollout.seq_kd=false (dataset completions)"),
+    ]
+    for teacher in config.teachers:
+        checks.append((teacher.loss in ("topk_jsd", "mopd") and teacher.placement == "remote",
+                       f"teacher {teacher.name!r}: loss {teacher.loss} / placement {teacher.placement} is not "
+                       f"available in the trainer yet (available: remote topk_jsd and mopd)"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+class _Dataset:
+    """The samples and their tokenizations (each tokenized once, when first used)."""
+
+    def __init__(self, config: MopdConfig, tokenizer) -> None:
+        from megatron_mopd.trainer.data import load_samples
+
+        data = config.data
+        try:
+            self.samples = load_samples(data.path, prompt_key=data.prompt_key, completion_key=data.completion_key,
+                                        messages_key=data.messages_key, domain_key=data.domain_key)
+        except (ValueError, OSError, ImportError) as error:
+            raise ConfigError(f"data.path: {error}") from None
+        if any(s.completion is None for s in self.samples):
+            first = next(s.index for s in self.samples if s.completion is None)
+            raise ConfigError(
+                f"data.path: sample {first} has no completion; prompt-only data needs on-policy rollouts "
+                f"(rollout.lmbda=1), which are not available yet"
+            )
+        self.tokenizer, self.seq_length = tokenizer, data.seq_length
+        self._cache: dict[int, Any] = {}
+
+    def tokenized(self, index: int):
+        from megatron_mopd.trainer.data import render, tokenize
+
+        if index not in self._cache:
+            self._cache[index] = tokenize(render(self.samples[index], self.tokenizer), self.tokenizer, self.seq_length)
+        return self._cache[index]
+
+
+def _router(config: MopdConfig, dataset: _Dataset) -> Callable[[list[int]], dict[str, torch.Tensor]]:
+    """``routes(indices)``: bool ``[len(indices)]`` per teacher, the samples it scores."""
+    if config.loss.routing == "weights":
+        return lambda indices: {t.name: torch.ones(len(indices), dtype=torch.bool) for t in config.teachers}
+    teacher_of = {domain: t.name for t in config.teachers for domain in t.domains}
+    for sample in dataset.samples:
+        if sample.domain not in teacher_of:
+            raise ConfigError(
+                f"data.path: sample {sample.index} has domain {sample.domain!r}, which no teacher lists "
+                f"(teachers' domains: {sorted(teacher_of)}); add it to a teacher's domains"
+            )
+
+    def routes(indices: list[int]) -> dict[str, torch.Tensor]:
+        owners = [teacher_of[dataset.samples[i].domain] for i in indices]
+        return {t.name: torch.tensor([o == t.name for o in owners], dtype=torch.bool) for t in config.teachers}
+
+    return routes
+
+
+def _build_trainee(config: MopdConfig, arch, tokenizer, layout: Layout, say: Callable[[str], None]):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_mopd.models import load_hf_weights
+    from megatron_mopd.trainer.step import Trainee
+
+    train, parallel = config.train, config.parallel
+    on_cpu = layout.device_type == "cpu"
+    dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
+    model = arch.build(parallel.tp, parallel.pp, params_dtype=dtype, context_parallel_size=parallel.cp,
+                       sequence_parallel=parallel.sequence_parallel)
+    if config.model.load_weights:
+        try:
+            load_hf_weights(model, config.model.path, arch)
+        except ValueError as error:
+            raise ConfigError(f"model.path={config.model.path}: {error}") from None
+    if not on_cpu:
+        model.to(torch.device(layout.device_type, torch.accelerator.current_device_index()))
+    model_config = model.config
+    model_config.calculate_per_token_loss = True
+    distributed_optimizer = not on_cpu
+    ddp = DistributedDataParallel(model_config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer), model)
+    clip_grad = 0.0 if on_cpu else train.clip_grad
+    if on_cpu and train.clip_grad > 0:
+        say(f"train.clip_grad={train.clip_grad} is off on the CPU (Megatron's clipping is CUDA-only)")
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, adam_eps=train.adam_eps, clip_grad=clip_grad,
+        bf16=dtype == torch.bfloat16, params_dtype=dtype, use_distributed_optimizer=distributed_optimizer,
+    ), [ddp])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if train.lr_warmup_steps else train.lr, max_lr=train.lr, min_lr=train.min_lr,
+        lr_warmup_steps=train.lr_warmup_steps, lr_decay_steps=train.steps, lr_decay_style=train.lr_decay_style,
+        start_wd=train.weight_decay, end_wd=train.weight_decay, wd_incr_steps=train.steps, wd_incr_style="constant",
+    )
+    model_config.grad_scale_func = optimizer.scale_loss
+    model_config.finalize_model_grads_func = finalize_model_grads
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Trainee([ddp], optimizer, scheduler, get_forward_backward_func(), config.data.seq_length,
+                   train.micro_batch_size, arch.vocab_size, pad_id if pad_id is not None else 0)
+
+
+def _resume_path(config: MopdConfig, output_dir: Path, latest_checkpoint) -> Optional[Path]:
+    resume = config.checkpoint.resume
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
+    path = Path(resume)
+    if not path.exists():
+        raise ConfigError(f"checkpoint.resume={resume}: no such checkpoint (use auto, none or a checkpoint path)")
+    return path
+
+
+def _export(trainee, arch, tokenizer, out_dir: Path, say: Callable[[str], None]) -> None:
+    import shutil
+
+    from megatron_mopd.models import export_hf_weights
+
+    if dist.get_rank() == 0 and out_dir.exists():
+        shutil.rmtree(out_dir)  # a previous run's export; the checkpoints hold the training state
+    dist.barrier()
+    say(f"exporting the student to {out_dir}")
+    export_hf_weights(trainee.model[0], arch, out_dir, tokenizer=tokenizer)
+
+
+def _banner(config: MopdConfig, arch, layout: Layout, start_step: int) -> str:
+    teachers = ", ".join(f"{t.name} ({t.loss}, K={t.topk})" for t in config.teachers)
+    return (f"mopd train: student {arch.hf_model_type} {arch.num_layers} layers x {arch.hidden_size} on "
+            f"{layout.device_type}, TP={config.parallel.tp} PP={config.parallel.pp} CP={config.parallel.cp} "
+            f"DP={layout.dp_size}; teachers: {teachers}; steps {start_step}..{config.train.steps} of "
+            f"{config.train.global_batch_size} sequences")
+
+
+def _verdict(report: dict[str, Any], output_dir: Path, plot: Optional[Path]) -> str:
+    lines = [f"done: {report['steps']} steps in {report['seconds']:.0f} s; wrote {output_dir}/"
+             f"{{config.yaml, metrics.jsonl, report.json{', curves.png' if plot else ''}}}"]
+    for name, values in report["teachers"].items():
+        lines.append(f"  divergence to {name}: {values['divergence_start']:.4f} -> {values['divergence_end']:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""The training objective of one micro-batch: every teacher's loss and the optional SFT term, per token.
+
+One normalization unit for every teacher: the student's completion tokens. Per completion token i
+(``labels[i] != -100``) of sample b:
+
+    loss_i = Σ_t w_t · route_t(b) · ℓ_t(i)  +  sft_alpha · dataset(b) · (−log π_S(y_i))
+
+where ``route_t(b)`` is 1 when teacher t scores sample b (always, with ``loss.routing=weights``; only
+for the samples of its domains with ``loss.routing=domain``), ``w_t`` is the teacher's weight and
+``dataset(b)`` is 1 for dataset completions (never for student-generated ones). The step's loss is
+Σ_i loss_i over the global batch divided by its number of completion tokens (Megatron's
+``calculate_per_token_loss``), so a domain's weight never shifts with how a teacher tokenizes.
+
+Per-token teacher losses ℓ_t:
+
+- ``topk_jsd``: the vocab-parallel generalized JSD against the teacher's top-K (tail or renorm);
+- ``mopd``: the sampled-token advantage loss −w_i · A_i · log π_S(y_i) with
+  A_i = stopgrad(log π_T(y_i) − log π_S(y_i)) and the truncated importance weight
+  w_i = clip(π_S(y_i) / π_rollout(y_i), r_min, r_max) when the rollout's behaviour log-probabilities are
+  known (1 for dataset completions). A teacher log-probability of −inf (the teacher rules the token out)
+  is floored at ``MOPD_TEACHER_LOGPROB_FLOOR``. Its logged divergence is the sampled estimate of
+  KL(S‖T), the mean of log π_S(y) − log π_T(y).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_mopd.losses import topk_generalized_jsd, vocab_parallel_token_logprobs
+from megatron_mopd.teachers import TeacherLogprobs
+from megatron_mopd.trainer.config import TeacherConfig
+
+MOPD_TEACHER_LOGPROB_FLOOR = -20.0
+
+SumCount = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TeacherTerm:
+    """One teacher's scores for one micro-batch.
+
+    Attributes:
+        config: the teacher's configuration (loss, β, τ, tail, weight, importance bounds).
+        scores: rows ``[b, s, K]`` / ``[b, s]`` aligned with the student's positions (row j scores the
+            token at j + 1, as ``labels[:, j]``).
+        route: bool ``[b]``, the samples this teacher scores.
+    """
+
+    config: TeacherConfig
+    scores: TeacherLogprobs
+    route: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the student learns on in one micro-batch.
+
+    Attributes:
+        labels: int64 ``[b, s]`` next-token ids, −100 outside the completions.
+        dataset_completion: bool ``[b]``, completions that come from the dataset (SFT applies).
+        behaviour_logprobs: float32 ``[b, s]`` log π_rollout of ``labels`` for sampled completions, or None.
+    """
+
+    labels: torch.Tensor
+    dataset_completion: torch.Tensor
+    behaviour_logprobs: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class ObjectiveParts:
+    """The micro-batch's loss sum over completion tokens, their count, and each part's (sum, count)."""
+
+    loss_sum: torch.Tensor
+    num_tokens: torch.Tensor
+    divergences: dict[str, SumCount]
+    sft: Optional[SumCount]
+
+
+def micro_batch_objective(
+    logits: torch.Tensor,
+    targets: Targets,
+    teachers: list[TeacherTerm],
+    *,
+    sft_alpha: float,
+    vocab_size: int,
+) -> ObjectiveParts:
+    """The loss of one micro-batch (module docstring) on the student's logits shard ``[b, s, V_local]``.
+
+    Raises:
+        ValueError: a completion token that a teacher routed to it has no score for (the teacher
+            scored fewer positions than the student trains on).
+    """
+    labels = targets.labels
+    completion = labels != -100
+    num_tokens = completion.sum()
+    student_logp = None
+    if sft_alpha > 0 or any(t.config.loss == "mopd" for t in teachers):
+        student_logp = vocab_parallel_token_logprobs(logits, labels, vocab_size=vocab_size)
+
+    loss_sum = logits.new_zeros((), dtype=torch.float32)
+    divergences: dict[str, SumCount] = {}
+    for term in teachers:
+        scored = completion & term.route[:, None]
+        _check_rows(term, scored)
+        per_token, divergence = _teacher_loss(logits, student_logp, targets, term, vocab_size)
+        loss_sum = loss_sum + term.config.weight * torch.where(scored, per_token, 0.0).sum()
+        divergences[term.config.name] = (torch.where(scored, divergence, 0.0).sum().detach(),
+                                         scored.sum().float())
+    sft = None
+    if sft_alpha > 0:
+        kept = completion & targets.dataset_completion[:, None]
+        nll = torch.where(kept, -student_logp, 0.0).sum()
+        loss_sum = loss_sum + sft_alpha * nll
+        sft = (nll.detach(), kept.sum().float())
+    return ObjectiveParts(loss_sum, num_tokens, divergences, sft)
+
+
+def _teacher_loss(
+    logits: torch.Tensor,
+    student_logp: Optional[torch.Tensor],
+    targets: Targets,
+    term: TeacherTerm,
+    vocab_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token loss ``[b, s]`` with gradient, per-token divergence ``[b, s]`` for the logs)."""
+    cfg, scores = term.config, term.scores
+    if cfg.loss == "topk_jsd":
+        loss = topk_generalized_jsd(
+            logits, scores.topk_logprobs, scores.topk_ids, beta=cfg.beta, temperature=cfg.temperature,
+            tail=cfg.tail, vocab_size=vocab_size,
+        )
+        return loss, loss.detach()
+    if cfg.loss == "mopd":
+        teacher_logp = scores.token_logprobs.clamp_min(MOPD_TEACHER_LOGPROB_FLOOR)
+        log_ratio = (student_logp - teacher_logp).detach()  # log π_S − log π_T = −A
+        weight = torch.ones_like(log_ratio)
+        if targets.behaviour_logprobs is not None:
+            ratio = (student_logp.detach() - targets.behaviour_logprobs).exp()
+            weight = torch.where(targets.dataset_completion[:, None], weight,
+                                 ratio.clamp(cfg.importance_ratio_min, cfg.importance_ratio_max))
+        return weight * log_ratio * student_logp, log_ratio
+    raise ValueError(f"teacher {cfg.name!r}: loss {cfg.loss!r} is not available in the trainer yet "
+                     f"(available: topk_jsd, mopd)")
+
+
+def _check_rows(term: TeacherTerm, scored: torch.Tensor) -> None:
+    missing = scored & ~term.scores.valid
+    if bool(missing.any()):
+        sample, position = (int(i) for i in torch.nonzero(missing)[0])
+        raise ValueError(
+            f"teacher {term.config.name!r} returned no score for position {position} of micro-batch sample "
+            f"{sample}, a completion token the student trains on: the teacher scored a shorter sequence "
+            f"than was sent (check that the server's max model length covers data.seq_length)"
+        )

@@ -1,0 +1,145 @@
+"""One optimizer step as named, timed phases:
+
+    rollout          the step's sequences: dataset completions (off-policy), or the rollout engine's
+    teacher_submit   each teacher's requests start now (remote: on the fetching rank, in the background)
+    forward_backward Megatron's schedule over the micro-batches; the loss waits for the teachers
+                     (``teacher_wait``, timed inside it) only when it first needs their scores
+    optimizer        the Megatron optimizer's step and the learning-rate schedule
+
+Every rank runs every phase; the losses exist only on the last pipeline stage. ``StepResult`` holds
+the step's sums reduced over the data-parallel ranks (on the last stage; elsewhere None).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_mopd.teachers import submit_teacher_scores
+from megatron_mopd.trainer.data import DataStats, TokenizedSample, collate
+from megatron_mopd.trainer.forward_step import MicroBatch, StepContext, StepTeacherScores, forward_step
+
+PHASES = ("rollout", "teacher_submit", "forward_backward", "teacher_wait", "optimizer")
+
+
+@dataclass
+class PhaseTimer:
+    """Wall-clock seconds per named phase of one step."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def time(self, phase: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - began
+
+
+@dataclass
+class StepResult:
+    """What one step reports: per-name sums and counts over the global batch (last stage), the learning
+    rate, the gradient norm, the phases' seconds and the data counters."""
+
+    step: int
+    sums: Optional[dict[str, tuple[float, float]]]
+    lr: float
+    grad_norm: Optional[float]
+    seconds: dict[str, float]
+    data: DataStats
+
+
+@dataclass
+class Trainee:
+    """The student and what updates it."""
+
+    model: list[torch.nn.Module]
+    optimizer: Any
+    scheduler: Any
+    forward_backward: Any
+    seq_length: int
+    micro_batch_size: int
+    vocab_size: int
+    pad_id: int
+
+
+def run_step(
+    step: int,
+    trainee: Trainee,
+    samples: Sequence[TokenizedSample],
+    teachers: list[tuple[Any, Any]],
+    routes: dict[str, torch.Tensor],
+    *,
+    sft_alpha: float,
+) -> StepResult:
+    """Train on this data-parallel rank's ``samples`` (its part of the global batch).
+
+    Args:
+        teachers: ``(config, client)`` per teacher; the client is None on ranks that do not fetch.
+        routes: bool ``[len(samples)]`` per teacher name, the samples it scores.
+    """
+    timer = PhaseTimer()
+    with timer.time("rollout"):
+        sequences = [s.input_ids for s in samples]
+        dataset_completion = torch.ones(len(samples), dtype=torch.bool)
+    with timer.time("teacher_submit"):
+        step_teachers = []
+        for config, client in teachers:
+            chosen = torch.nonzero(routes[config.name]).flatten()
+            rows = torch.full((len(samples),), -1, dtype=torch.long)
+            rows[chosen] = torch.arange(len(chosen))
+            pending = submit_teacher_scores(client, [sequences[int(i)] for i in chosen], seq_length=trainee.seq_length)
+            step_teachers.append(StepTeacherScores(config, pending, rows))
+    context = StepContext(step, step_teachers, routes, sft_alpha, trainee.vocab_size, dist.get_rank())
+    micro_batches = _micro_batches(samples, dataset_completion, context, trainee)
+    with timer.time("forward_backward"):
+        for chunk in trainee.model:
+            chunk.zero_grad_buffer()
+        trainee.optimizer.zero_grad()
+        reduced = trainee.forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=trainee.model,
+            num_microbatches=len(micro_batches),
+            seq_length=trainee.seq_length,
+            micro_batch_size=trainee.micro_batch_size,
+            forward_only=False,
+        )
+    timer.seconds["teacher_wait"] = sum(t.waited_s for t in step_teachers)
+    timer.seconds["forward_backward"] -= timer.seconds["teacher_wait"]
+    lr = trainee.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+    with timer.time("optimizer"):
+        updated, grad_norm, _ = trainee.optimizer.step()
+        if not updated:
+            raise RuntimeError(f"step {step}: the optimizer skipped the update (gradient overflow)")
+        trainee.scheduler.step(increment=1)
+    return StepResult(step, _reduce(reduced), lr,
+                      None if grad_norm is None else float(grad_norm), timer.seconds, DataStats.of(samples))
+
+
+def _micro_batches(samples, dataset_completion, context: StepContext, trainee: Trainee) -> list[MicroBatch]:
+    size = trainee.micro_batch_size
+    batches = []
+    for first in range(0, len(samples), size):
+        tensors = collate(samples[first:first + size], trainee.seq_length, trainee.pad_id)
+        batches.append(MicroBatch(tensors["tokens"], tensors["position_ids"], tensors["labels"],
+                                  dataset_completion[first:first + size], first, context))
+    return batches
+
+
+def _reduce(reduced: list[dict[str, torch.Tensor]]) -> Optional[dict[str, tuple[float, float]]]:
+    """Sum the micro-batches' ``[sum, count]`` logs, then over the data-parallel group (last stage)."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    names = sorted(reduced[0])
+    totals = torch.stack([torch.stack([r[name] for r in reduced]).sum(0) for name in names]).float()
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return {name: (float(total), float(count)) for name, (total, count) in zip(names, totals.tolist())}

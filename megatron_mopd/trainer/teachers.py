@@ -1,0 +1,89 @@
+"""The run's teachers: clients for remote servers, and the servers the trainer starts itself.
+
+A remote teacher entry either lists ``urls`` (servers you run: vLLM, SGLang, ``mopd serve-teacher``) or
+names a ``model`` directory: then local rank 0 of every node starts the reference teacher server on
+it (``mopd serve-teacher``, on loopback, ``--max-logprobs`` = the teacher's top-K) before training and
+stops it after, so a small run is one command. Only the ranks that fetch scores (the last pipeline
+stage's tensor/context-parallel rank 0 of each data-parallel rank) hold a client; the others get
+``None``. Every client is checked at start (health, model name, and that the server accepts top-K).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch.distributed as dist
+
+from megatron_mopd.teachers import RemoteTeacher, TeacherError
+from megatron_mopd.teachers.server_process import teacher_server_process
+from megatron_mopd.trainer.config import TeacherConfig
+
+
+@contextlib.contextmanager
+def open_teachers(
+    configs: list[TeacherConfig], *, fetching: bool, log_dir: Path, say=print
+) -> Iterator[dict[str, Optional[RemoteTeacher]]]:
+    """Start the self-served teachers, connect the clients; stop and close everything on exit.
+
+    Collective over all ranks. Args:
+        fetching: whether this rank fetches teacher scores (it then holds clients).
+        log_dir: where the self-served servers write their logs (``teacher-<name>.log``).
+        say: prints a progress line (on the reporting rank).
+    """
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for config in configs:
+            if config.placement != "remote":
+                raise ValueError(f"teacher {config.name!r}: colocated teachers are not available in the trainer yet")
+            urls[config.name] = list(config.urls) or stack.enter_context(_self_served(config, log_dir, say))
+        clients: dict[str, Optional[RemoteTeacher]] = {}
+        for config in configs:
+            client = None
+            if fetching:
+                say(f"teacher {config.name}: waiting up to {config.wait_for_servers_s:.0f} s for {urls[config.name]}")
+                try:
+                    client = stack.enter_context(RemoteTeacher(
+                        urls[config.name], config.protocol, topk=config.topk, timeout_s=config.timeout_s,
+                        retries=config.retries, wait_for_servers_s=config.wait_for_servers_s,
+                    ))
+                except TeacherError as error:
+                    raise type(error)(f"teacher {config.name!r}: {error}") from None
+            clients[config.name] = client
+        dist.barrier()
+        yield clients
+        dist.barrier()  # every rank is done with the servers before they stop
+
+
+@contextlib.contextmanager
+def _self_served(config: TeacherConfig, log_dir: Path, say) -> Iterator[list[str]]:
+    """Local rank 0 of each node serves ``config.model``; every rank gets its node's URL."""
+    import os
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    host = socket.gethostname()
+    starting = local_rank == 0
+    if starting:
+        say(f"teacher {config.name}: starting the reference server on {config.model}")
+    log_path = log_dir / f"teacher-{config.name}-{host}.log"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    flags = ("--max-logprobs", str(config.topk), "--served-model-name", config.name)
+    server_context = (teacher_server_process(config.model, *flags, log_path=log_path,
+                                             startup_timeout_s=config.wait_for_servers_s)
+                      if starting else contextlib.nullcontext())
+    error: Optional[str] = None
+    with contextlib.ExitStack() as stack:
+        server = None
+        try:
+            server = stack.enter_context(server_context)
+        except RuntimeError as caught:
+            error = f"teacher {config.name!r}: the server for {config.model} did not start: {caught}"
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (host, server.url if server else None, error))
+        errors = [e for _, _, e in gathered if e]
+        if errors:
+            raise RuntimeError(errors[0])
+        node_urls = {h: url for h, url, _ in gathered if url}
+        yield [node_urls[host]]

@@ -1,0 +1,68 @@
+"""Specification of the ``mopd`` command as a user meets it: every project error is one line on stderr and
+a non-zero exit (never a traceback), it says what it waits for, and Megatron's import-time warnings
+stay out of the console."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from megatron_mopd.demo.assets import DEMO_CONFIG
+
+
+def mopd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megatron_mopd.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_line_error(finished: subprocess.CompletedProcess, command: str, pattern: str) -> None:
+    import re
+
+    assert finished.returncode == 1, finished.stdout + finished.stderr
+    assert "Traceback" not in finished.stderr, finished.stderr
+    errors = [line for line in finished.stderr.splitlines() if line.startswith(f"mopd {command}: error: ")]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), finished.stderr
+
+
+def test_help_lists_the_commands_and_demo_help_shows_its_defaults() -> None:
+    top = mopd("--help")
+    for command in ("train", "demo", "build-projection", "serve-teacher"):
+        assert command in top.stdout
+    demo = mopd("demo", "--help")
+    assert demo.returncode == 0 and "runs/demo" in demo.stdout
+
+
+def test_a_bad_override_is_one_line() -> None:
+    assert_one_line_error(mopd("train", "--config", str(DEMO_CONFIG), "train.foo=1"), "train",
+                          r"Key 'foo' not in 'TrainConfig' \(at train.foo\)")
+    assert_one_line_error(mopd("demo", "train.steps=0"), "demo", "train.steps must be >= 1")
+
+
+def test_a_layout_for_more_ranks_than_the_job_has_is_one_line() -> None:
+    finished = mopd("demo", "parallel.tp=2")
+    assert_one_line_error(finished, "demo", "world size 1 is not divisible")
+    assert "Transformer Engine and Apex are not installed" not in finished.stderr
+
+
+def test_an_unreachable_teacher_is_one_line_after_saying_what_it_waits_for(tmp_path) -> None:
+    finished = mopd("demo", "--output", str(tmp_path), "teachers.0.model=null", "teachers.0.urls=[http://127.0.0.1:1]",
+                    "teachers.0.wait_for_servers_s=2")
+    assert "teacher reference: waiting up to 2 s for ['http://127.0.0.1:1']" in finished.stdout
+    assert_one_line_error(finished, "demo", "127.0.0.1:1")
+
+
+def test_a_top_k_above_what_the_server_allows_is_one_line_naming_the_fix(demo_teacher_url, tmp_path) -> None:
+    from conftest import DEMO_TEACHER_MAX_LOGPROBS
+
+    finished = mopd("demo", "--output", str(tmp_path), "teachers.0.model=null", f"teachers.0.urls=[{demo_teacher_url}]",
+                    f"teachers.0.topk={DEMO_TEACHER_MAX_LOGPROBS * 2}")
+    assert_one_line_error(finished, "demo", "--max-logprobs")
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["build-projection", "--student", "/nonexistent/a", "--teacher", "/nonexistent/b", "-o", "/tmp/x"], "nonexistent"),
+])
+def test_other_commands_report_bad_paths_in_one_line(args, pattern) -> None:
+    assert_one_line_error(mopd(*args), args[0], pattern)

@@ -1,0 +1,107 @@
+"""Specification: the trainer end to end on CPU/gloo, as users run it (``python -m megatron_mopd.train``
+under torchrun), on the demo's configuration with a shared reference teacher server:
+
+- TP=2, PP=2, TP=2 x PP=2 and DP=2 give the per-step losses of TP=1 (relative 1e-4: float32 sums in
+  another order over three Adam steps); the global batch is the same at every layout;
+- a run killed after its step-2 checkpoint and resumed with ``checkpoint.resume=auto`` reproduces the
+  uninterrupted run's losses (relative 1e-6), and ``metrics.jsonl`` describes one history;
+- a checkpoint saved at TP=2 continues at PP=2 with the uninterrupted run's losses;
+- the outputs: config.yaml (resolved), metrics.jsonl, report.json, curves.png, checkpoints, and an
+  exported Hugging Face student that ``transformers`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_mopd.demo.assets import DEMO_CONFIG
+
+STEPS = 4
+LAYOUTS = {"tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]), "dp2": (2, []),
+           "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2"])}
+
+
+def command(output: Path, url: str, *overrides: str, nproc: int = 1) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [*(launcher if nproc > 1 else [sys.executable]), "-m", "megatron_mopd.train", "--config", str(DEMO_CONFIG),
+            f"output_dir={output}", f"teachers.0.urls=[{url}]", "teachers.0.model=null", f"train.steps={STEPS}",
+            "train.lr_decay_style=constant", "train.lr_warmup_steps=0", "checkpoint.interval=0",
+            "checkpoint.export_hf=false", "logging.progress=false", "logging.plot=false", *overrides]
+
+
+def run(output: Path, url: str, *overrides: str, nproc: int = 1) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command(output, url, *overrides, nproc=nproc), capture_output=True, text=True,
+                              timeout=900, env=env)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-5000:]
+    return metrics(output)
+
+
+def metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(records: list[dict]) -> list[float]:
+    return [r["loss"] for r in records]
+
+
+@pytest.fixture(scope="module")
+def baseline(demo_teacher_url, tmp_path_factory) -> tuple[Path, list[dict]]:
+    output = tmp_path_factory.mktemp("tp1")
+    return output, run(output, demo_teacher_url, "checkpoint.export_hf=true", "logging.plot=true")
+
+
+def test_a_run_writes_its_config_metrics_report_plot_checkpoint_and_hf_student(baseline) -> None:
+    output, records = baseline
+    assert [r["step"] for r in records] == list(range(STEPS))
+    for record in records:
+        for key in ("loss", "lr", "tokens", "divergence/reference", "time/forward_backward", "time/teacher_wait"):
+            assert record[key] is not None, key
+        assert record["tokens"] > 0 and record["loss"] > 0
+    assert "path: " in (output / "config.yaml").read_text() and "${demo:" not in (output / "config.yaml").read_text()
+    report = json.loads((output / "report.json").read_text())
+    assert report["teachers"]["reference"]["divergence_start"] == records[0]["divergence/reference"]
+    assert (output / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (output / "checkpoints" / "latest").read_text().strip() == str(STEPS)
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(output / "hf")
+    assert student.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_parallel_layout_gives_the_single_process_losses(baseline, demo_teacher_url, tmp_path, layout) -> None:
+    nproc, overrides = LAYOUTS[layout]
+    records = run(tmp_path, demo_teacher_url, *overrides, nproc=nproc)
+    assert [r["tokens"] for r in records] == [r["tokens"] for r in baseline[1]]
+    assert losses(records) == pytest.approx(losses(baseline[1]), rel=1e-4)
+
+
+def test_a_killed_run_resumes_exactly(baseline, demo_teacher_url, tmp_path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command(tmp_path, demo_teacher_url, "checkpoint.interval=2"), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env)
+    for line in process.stdout:
+        if "saved checkpoint" in line and "(step 2)" in line:
+            process.send_signal(signal.SIGKILL)  # a crash, wherever step 2 is
+            break
+    process.wait(timeout=300)
+    assert process.returncode == -signal.SIGKILL, "the run ended before its step-2 checkpoint"
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "2"
+    resumed = run(tmp_path, demo_teacher_url, "checkpoint.resume=auto")
+    assert [r["step"] for r in resumed] == list(range(STEPS))
+    assert losses(resumed) == pytest.approx(losses(baseline[1]), rel=1e-6)
+
+
+def test_a_checkpoint_saved_at_tp2_continues_at_pp2(baseline, demo_teacher_url, tmp_path) -> None:
+    run(tmp_path, demo_teacher_url, "parallel.tp=2", "train.steps=2", nproc=2)
+    continued = run(tmp_path, demo_teacher_url, "parallel.pp=2", "checkpoint.resume=auto", nproc=2)
+    assert [r["step"] for r in continued] == list(range(STEPS))
+    assert losses(continued)[2:] == pytest.approx(losses(baseline[1])[2:], rel=1e-4)
