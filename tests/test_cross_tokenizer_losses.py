@@ -58,7 +58,9 @@ def all_cases() -> list[Case]:
     ]
     minus_inf = [
         Case(loss, beta, 2.0 if i % 3 else 1.0, tail, chunk_size=2 if i % 2 else None, batch="student_minus_inf")
-        for i, (loss, beta, tail) in enumerate(itertools.product(("pkl", "gold"), (0.0, 0.5, 1.0), ("tail", "renorm")))
+        for i, (loss, beta, tail) in enumerate(
+            itertools.product(("pkl", "gold"), (0.0, 0.5, 1.0), ("tail", "renorm"))
+        )
     ]
     return grid + [
         Case("gold", 0.5, 1.0, "tail", weights=(0.7, 0.3), threshold=0.95),

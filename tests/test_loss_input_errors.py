@@ -143,7 +143,7 @@ def test_teacher_nan_on_one_tensor_parallel_rank_raises_on_every_rank() -> None:
 
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_student_logits_nan_or_positive_infinity_give_a_non_finite_loss(bad_value: float, beta: float) -> None:
+def test_student_logits_nan_or_positive_infinity_give_a_non_finite_loss(bad_value, beta) -> None:
     """Not an error (no device sync is spent on the student), but never a finite loss."""
     logits = student()
     logits[3, 0, 7] = bad_value

@@ -272,9 +272,10 @@ def test_minus_inf_batches_cover_what_they_claim() -> None:
     """Each -inf batch has -inf where its docstring says, and only on the side it names."""
     batches = all_batches()
     for kind in ("student", "teacher", "both"):
-        student_inf, teacher_inf = (x[..., :VOCAB_SIZE] == -torch.inf for x in (batches[kind].student, batches[kind].teacher))
+        batch = batches[kind]
+        student_inf, teacher_inf = (x[..., :VOCAB_SIZE] == -torch.inf for x in (batch.student, batch.teacher))
         assert student_inf.any() == (kind != "teacher") and teacher_inf.any() == (kind != "student")
-        side = batches[kind].teacher if kind == "teacher" else batches[kind].student
+        side = batch.teacher if kind == "teacher" else batch.student
         assert torch.all(side[BLOCK_POSITION][RANK_BLOCK] == -torch.inf)
         assert torch.all(side[..., VOCAB_SIZE:] == -torch.inf)
         if kind == "both":

@@ -215,3 +215,11 @@ def test_context_parallelism_needs_the_student_sequence_length() -> None:
     """Without S the teacher's rows cannot be split like the student's tokens: every rank refuses."""
     for result in run_layout("cp2"):
         assert "pass seq_length=S" in result["missing_seq_length"]
+
+
+def test_a_collective_teacher_is_refused_on_every_rank_instead_of_hanging() -> None:
+    from megatron_mopd.teachers import ColocatedTeacher
+
+    source = ColocatedTeacher.__new__(ColocatedTeacher)  # the class decides, not the instance's state
+    with pytest.raises(TypeError, match="collective teacher .* call its score\\(\\) on every rank"):
+        submit_teacher_scores(source, [[1, 2, 3]])

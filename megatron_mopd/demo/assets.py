@@ -7,7 +7,10 @@ A configuration names them as ``${demo:NAME}`` (an OmegaConf resolver registered
                library's sources (``demo.tokenizers``);
 ``teacher``    a small Llama-architecture Hugging Face model over that tokenizer, sharp output layer;
 ``student``    a smaller-norm Llama-architecture model of the same shape (another seed): the student;
-``data``       a JSONL file of prompt/completion pairs cut from the same text.
+``data``       a JSONL file of prompt/completion pairs cut from the same text;
+``sp_tokenizer``, ``sp_teacher``, ``sp_projection``  a teacher with *another* tokenizer (a
+               SentencePiece-style BPE with byte fallback), and the vocabulary projection from the
+               student's tokenizer into it (``mopd build-projection``), for cross-tokenizer runs.
 
 Nothing is downloaded; each asset is written atomically, so concurrent ranks race harmlessly.
 """
@@ -32,6 +35,9 @@ def demo_asset_path(name: str) -> Path:
         "teacher": lambda: tiny_causal_lm_dir("byte_level_bpe", DEMO_VOCAB_SIZE, seed=0),
         "student": lambda: tiny_causal_lm_dir("byte_level_bpe", DEMO_VOCAB_SIZE, seed=1, lm_head_scale=1.0),
         "data": demo_data_path,
+        "sp_tokenizer": lambda: tokenizer_dir("sentencepiece_bpe", DEMO_VOCAB_SIZE),
+        "sp_teacher": lambda: tiny_causal_lm_dir("sentencepiece_bpe", DEMO_VOCAB_SIZE, seed=0),
+        "sp_projection": demo_projection_path,
     }
     if name not in builders:
         raise ValueError(f"unknown demo asset {name!r}; the demo has {sorted(builders)}")
@@ -48,6 +54,18 @@ def demo_data_path() -> Path:
         return target
     rows = [json.dumps(_split(text)) for text in _demo_texts()]
     atomic_write_text(target, "\n".join(rows) + "\n")
+    return target
+
+
+def demo_projection_path() -> Path:
+    """The projection from the demo tokenizer into the SentencePiece-style one (built once, ~1 s)."""
+    from megatron_mopd.crosstok import VocabProjection
+
+    student, teacher = demo_asset_path("tokenizer"), demo_asset_path("sp_tokenizer")
+    target = cache_root().parent / "projections" / f"{student.name}-to-{teacher.name}.safetensors"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        VocabProjection.build(student, teacher).save(target)  # an atomic write
     return target
 
 

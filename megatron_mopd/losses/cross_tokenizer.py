@@ -251,7 +251,12 @@ def _restricted(teacher: ChunkTeacher, keep: torch.Tensor, tail: str) -> ChunkTe
 
 
 def _chunk_divergence(projected: torch.Tensor, teacher: ChunkTeacher, beta: float, tail: str) -> torch.Tensor:
-    """Generalized JSD per chunk between the student's projected probabilities [C, K] and the teacher."""
+    """Generalized JSD per chunk between the student's projected probabilities [C, K] and the teacher.
+
+    Absent entries are -inf on both sides (they add 0). Present probabilities are floored at float32's
+    tiny (log ≈ −87.3): a projected probability of 0 (every student token projecting there at -inf)
+    costs a large finite penalty, not the +inf of β = 0, and the gradient stays finite.
+    """
     present = teacher.present
     teacher_logp = torch.where(present, teacher.probs.clamp_min(_TINY).log(), -torch.inf)
     if tail == "tail":

@@ -16,8 +16,9 @@ gradient flows into ``teacher_logits``.
 
 A -inf logit is a token of probability 0 on that side (divergence.py says which β make the loss
 +inf). A NaN or +inf teacher logit, or a teacher row of only -inf, is not a distribution: it makes
-that position's loss NaN, so after the loop one check of the per-token loss (the call's only device
-sync) finds such rows and raises ValueError. A NaN or +inf student logit gives a NaN loss there.
+that position's loss NaN (or +inf), so after the loop one check of the per-token loss (the call's
+only device sync) finds such rows and raises ValueError. A NaN or +inf student logit gives a NaN
+(or +inf) loss at its position, never a finite one.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class _VocabParallelGeneralizedJSD(torch.autograd.Function):
             )
 
         if not bool(torch.isfinite(loss).all()):
-            _raise_on_invalid_teacher_rows(z_t, loss, shard, temperature, rows_per_chunk, teacher_logits.shape[:-1])
+            leading_shape = teacher_logits.shape[:-1]
+            _raise_on_invalid_teacher_rows(z_t, loss, shard, temperature, rows_per_chunk, leading_shape)
         ctx.save_for_backward(grad)
         ctx.logits_shape, ctx.logits_dtype = student_logits.shape, student_logits.dtype
         ctx.backward_done = False
@@ -142,7 +144,7 @@ def generalized_jsd(
 
     Args:
         student_logits: ``[..., V_local]`` this rank's shard (any float dtype; math in float32).
-            -inf marks a token of probability 0; a NaN or +inf logit gives a NaN loss at its position.
+            -inf marks a token of probability 0; a NaN or +inf logit gives a non-finite loss there.
         teacher_logits: same shape and sharding as ``student_logits``; treated as a constant. -inf
             marks a token of probability 0; a NaN or +inf logit, or a position whose logits are all
             -inf, raises ValueError.

@@ -9,6 +9,11 @@ are absent (a position may carry fewer than K). Two supports (DESIGN.md §2):
 ``renorm`` — the K ids only: both sides log_softmax over their K values / τ. Student mass outside
     the K ids is not penalized, and only the logits at the K ids get a gradient.
 
+A -inf student logit is a token of probability 0 (divergence.py: 0·log 0 = 0), also at a teacher id.
+In ``renorm`` mode a position where the student is -inf at every present teacher id has no
+renormalized student distribution: its loss is NaN. A NaN or +inf student logit gives a non-finite
+loss at its position in ``tail`` mode; ``renorm`` reads only the logits at the teacher ids.
+
 Gradients (g = ∂loss/∂s over the support, G = Σ_j g_j, p = softmax(z/τ) over the vocabulary):
 
     tail:    ∂loss/∂z_v = [ p_v · (g_∞ / P_∞ − G) + 1{v = id_k} · (g_k − p_v · g_∞ / P_∞) ] / τ

@@ -324,7 +324,7 @@ class GPTArchitecture:
             share_embeddings_and_output_weights=self.tie_word_embeddings,
             position_embedding_type="rope",
             rotary_base=self.rotary_base,
-            rope_scaling=self.rope_type == "llama3",
+            rope_scaling=False,
             rope_scaling_factor=self.rope_scaling_factor if self.rope_type == "llama3" else 8.0,
             seq_len_interpolation_factor=self.rope_scaling_factor if self.rope_type == "linear" else None,
         )

@@ -333,7 +333,7 @@ def _global_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.P
     for name, param in model.named_parameters():
         parts = name.split(".")
         if parts[:2] == ["decoder", "layers"]:
-            parts[2] = parts[2]
+            parts[2] = str(layers[int(parts[2])].layer_number - 1)
         yield ".".join(parts), param
 
 

@@ -14,9 +14,10 @@ from megatron_mopd.teachers.protocols import (
     TeacherResponseError,
 )
 from megatron_mopd.teachers.remote import RemoteTeacher
-from megatron_mopd.teachers.types import TeacherLogprobs, TeacherSource
+from megatron_mopd.teachers.types import CollectiveTeacher, TeacherLogprobs, TeacherSource
 
 __all__ = [
+    "CollectiveTeacher",
     "ColocatedTeacher",
     "PendingTeacherScores",
     "RemoteTeacher",

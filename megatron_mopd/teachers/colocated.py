@@ -42,7 +42,7 @@ MicroBatch = dict[str, torch.Tensor]
 
 
 class ColocatedTeacher:
-    """A forward-only Megatron ``GPTModel`` teacher implementing ``TeacherSource``.
+    """A forward-only Megatron ``GPTModel`` teacher implementing ``CollectiveTeacher`` (every rank calls it).
 
     Args:
         model: this rank's ``GPTModel`` (its pipeline stage and TP shard), built under the current
@@ -52,6 +52,8 @@ class ColocatedTeacher:
         micro_batch_size: sequences per micro-batch of the schedule.
         pad_token_id: the token fed at padded positions (never scored).
     """
+
+    collective = True
 
     def __init__(
         self,

@@ -14,8 +14,9 @@ sequences; its groups do not span data-parallel ranks.
     ...                                                 # student forward passes overlap with it
     scores = pending.wait()                             # collective over the TP (and CP) group
 
-For remote sources. A ``ColocatedTeacher`` runs the model on every rank and already leaves identical
-scores on every TP rank of the last stage: call it directly on all ranks.
+For remote sources (``TeacherSource``). A ``ColocatedTeacher`` (a ``CollectiveTeacher``) runs the model
+on every rank and already leaves identical scores on every TP rank of the last stage: call it directly
+on all ranks; ``submit_teacher_scores`` refuses it (on every rank, so nothing hangs).
 """
 
 from __future__ import annotations
@@ -113,6 +114,11 @@ def submit_teacher_scores(
     """
     from megatron.core import parallel_state
 
+    if getattr(source, "collective", False):
+        raise TypeError(
+            f"{type(source).__name__} is a collective teacher (every rank runs it): call its score() on every "
+            f"rank instead of submit_teacher_scores, which asks from one rank only and would hang the others"
+        )
     if seq_length is None and parallel_state.get_context_parallel_world_size() > 1:
         raise ValueError(
             "with context parallelism pass seq_length=S, the student's sequence length: the teacher's rows "

@@ -158,6 +158,8 @@ class RemoteTeacher:
     cooldown_s = 5.0  # a server that just failed a request is passed over this long when another is usable
     reevaluate_s = 1.0  # a request waiting for a slot looks again at least this often (e.g. a cooldown ended)
 
+    collective = False  # one rank asks for its group (placement.submit_teacher_scores)
+
     def __init__(
         self,
         urls: str | Sequence[str],

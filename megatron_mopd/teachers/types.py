@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import ClassVar, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -69,15 +69,31 @@ class TeacherLogprobs:
 
 
 class TeacherSource(Protocol):
-    """A teacher that scores token sequences: remote (vLLM/SGLang server) or colocated.
+    """A teacher that one rank asks on behalf of its group: a remote (vLLM/SGLang) server.
 
     ``submit`` starts scoring and returns at once; the trainer calls it as soon as the sequences exist
     and waits on the future only when the loss needs the scores, overlapping the teacher's latency
-    with the student's compute. ``score`` is ``submit(...).result()``.
+    with the student's compute. ``score`` is ``submit(...).result()``. ``placement`` decides which rank
+    asks and broadcasts the answer.
     """
 
+    collective: ClassVar[bool]  # False: one rank calls it (placement refuses a collective teacher)
     topk: int
 
     def submit(self, sequences: Sequence[Sequence[int]]) -> "Future[TeacherLogprobs]": ...
 
     def score(self, sequences: Sequence[Sequence[int]]) -> TeacherLogprobs: ...
+
+
+class CollectiveTeacher(Protocol):
+    """A teacher every model-parallel rank runs together, in the same order: a colocated Megatron model.
+
+    ``score`` is collective (tensor-parallel collectives, pipeline sends); it returns the scores on the
+    last pipeline stage and ``None`` elsewhere. Never pass one to ``placement.submit_teacher_scores``,
+    which asks from one rank only: it refuses a teacher whose ``collective`` is True.
+    """
+
+    collective: ClassVar[bool]  # True
+    topk: int
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> Optional[TeacherLogprobs]: ...

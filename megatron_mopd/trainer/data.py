@@ -104,6 +104,15 @@ class TokenizedSample:
     num_completion_tokens: int
 
 
+@dataclass(frozen=True)
+class Example:
+    """A dataset sample as the student sees it: the sample, its rendering and its tokens."""
+
+    sample: Sample
+    rendered: RenderedSample
+    tokenized: TokenizedSample
+
+
 # --------------------------------------------------------------------------------------- loading
 
 

@@ -19,8 +19,10 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from megatron_mopd.crosstok import SequenceAlignment
 from megatron_mopd.teachers import PendingTeacherScores, TeacherLogprobs
 from megatron_mopd.trainer.config import TeacherConfig
+from megatron_mopd.trainer.cross_tokenizer import chunk_ids
 from megatron_mopd.trainer.objective import Targets, TeacherTerm, micro_batch_objective
 
 
@@ -32,11 +34,14 @@ class StepTeacherScores:
     """One teacher's scores for a step's batch on this rank, waited for once, when a loss first needs them.
 
     ``rows`` maps each sample of the rank's batch to its row in the teacher's answer (−1: the sample is
-    not routed to this teacher and was not sent).
+    not routed to this teacher and was not sent). A teacher with another tokenizer also carries the
+    ``projection`` and each sample's ``alignments`` (None where not sent).
     """
 
-    def __init__(self, config: TeacherConfig, pending: PendingTeacherScores, rows: torch.Tensor) -> None:
+    def __init__(self, config: TeacherConfig, pending: PendingTeacherScores, rows: torch.Tensor,
+                 projection: Any = None, alignments: Optional[list[Optional[SequenceAlignment]]] = None) -> None:
         self.config, self.rows = config, rows
+        self.projection, self.alignments = projection, alignments
         self._pending: Optional[PendingTeacherScores] = pending
         self._scores: Optional[TeacherLogprobs] = None
         self.waited_s = 0.0
@@ -109,10 +114,7 @@ def loss_func(batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, to
     context = batch.context
     rows = slice(batch.first_row, batch.first_row + batch.tokens.shape[0])
     device = logits.device
-    terms = [
-        TeacherTerm(teacher.config, _rows(teacher.scores(), rows, device), context.routes[teacher.config.name][rows])
-        for teacher in context.teachers
-    ]
+    terms = [_term(teacher, rows, batch, device, context) for teacher in context.teachers]
     targets = Targets(batch.labels.to(device), batch.dataset_completion.to(device),
                       None if batch.behaviour_logprobs is None else batch.behaviour_logprobs.to(device))
     parts = micro_batch_objective(logits, targets, terms, sft_alpha=context.sft_alpha, vocab_size=context.vocab_size)
@@ -123,6 +125,16 @@ def loss_func(batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, to
         logs["sft/nll"] = torch.stack(parts.sft)
     _check_finite(logs, context)
     return parts.loss_sum, parts.num_tokens.int(), logs
+
+
+def _term(teacher: StepTeacherScores, rows: slice, batch: MicroBatch, device: torch.device,
+          context: StepContext) -> TeacherTerm:
+    scores = _rows(teacher.scores(), rows, device)
+    route = context.routes[teacher.config.name][rows].to(device)
+    if teacher.alignments is None:
+        return TeacherTerm(teacher.config, scores, route)
+    chunks = chunk_ids(teacher.alignments[rows], batch.tokens.shape[1], scores.valid.shape[1])
+    return TeacherTerm(teacher.config, scores, route, chunks, teacher.projection)
 
 
 def _rows(scores: TeacherLogprobs, rows: slice, device: torch.device) -> TeacherLogprobs:

@@ -69,7 +69,8 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
     from megatron_mopd.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from megatron_mopd.trainer.data import GlobalBatchSampler, rank_slice
     from megatron_mopd.trainer.metrics import MetricsLogger, plot_curves, write_report
-    from megatron_mopd.trainer.step import run_step
+    from megatron_mopd.trainer.cross_tokenizer import CrossTokenizerSide
+    from megatron_mopd.trainer.step import StepTeacher, run_step
     from megatron_mopd.trainer.teachers import open_teachers
 
     layout = _layout(device_type)
@@ -82,6 +83,8 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
     routes_of = _router(config, dataset)
     sampler = GlobalBatchSampler(len(dataset.samples), config.train.global_batch_size, seed=config.seed,
                                  shuffle=config.data.shuffle)
+    cross_sides = {t.name: CrossTokenizerSide(t, tokenizer, max_teacher_tokens=4 * config.data.seq_length)
+                   for t in config.teachers if t.tokenizer is not None}
     trainee = _build_trainee(config, arch, tokenizer, layout, report_say)
 
     start_step = 0
@@ -106,7 +109,7 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
     try:
         with open_teachers(config.teachers, fetching=layout.fetching, log_dir=output_dir / "logs",
                            say=report_say) as clients:
-            teachers = [(t, clients[t.name]) for t in config.teachers]
+            teachers = [StepTeacher(t, clients[t.name], cross_sides.get(t.name)) for t in config.teachers]
             report_say(_banner(config, arch, layout, start_step))
             if layout.reporting:
                 logger = MetricsLogger(
@@ -116,8 +119,8 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
                     config=as_dict(config))
             for step in range(start_step, config.train.steps):
                 indices = rank_slice(sampler.batch(step), layout.dp_rank, layout.dp_size)
-                samples = [dataset.tokenized(i) for i in indices]
-                result = run_step(step, trainee, samples, teachers, routes_of(indices),
+                examples = [dataset.example(i) for i in indices]
+                result = run_step(step, trainee, examples, teachers, routes_of(indices),
                                   sft_alpha=config.loss.sft_alpha)
                 sampler.consumed_samples = (step + 1) * config.train.global_batch_size
                 if logger is not None:
@@ -187,9 +190,11 @@ def _check_layout(config: MopdConfig, arch, layout: Layout) -> None:
          "rollout.lmbda=0 and rollout.seq_kd=false (dataset completions)"),
     ]
     for teacher in config.teachers:
-        checks.append((teacher.loss in ("topk_jsd", "mopd") and teacher.placement == "remote",
-                       f"teacher {teacher.name!r}: loss {teacher.loss} / placement {teacher.placement} is not "
-                       f"available in the trainer yet (available: remote topk_jsd and mopd)"))
+        checks.append((teacher.placement == "remote",
+                       f"teacher {teacher.name!r}: colocated teachers are not available in the trainer yet; "
+                       f"serve it (placement: remote, model: DIR)"))
+        checks.append((teacher.tokenizer is None or cp == 1,
+                       f"teacher {teacher.name!r}: a teacher with another tokenizer does not support parallel.cp > 1 yet"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -216,11 +221,13 @@ class _Dataset:
         self.tokenizer, self.seq_length = tokenizer, data.seq_length
         self._cache: dict[int, Any] = {}
 
-    def tokenized(self, index: int):
-        from megatron_mopd.trainer.data import render, tokenize
+    def example(self, index: int):
+        from megatron_mopd.trainer.data import Example, render, tokenize
 
         if index not in self._cache:
-            self._cache[index] = tokenize(render(self.samples[index], self.tokenizer), self.tokenizer, self.seq_length)
+            rendered = render(self.samples[index], self.tokenizer)
+            self._cache[index] = Example(self.samples[index], rendered,
+                                         tokenize(rendered, self.tokenizer, self.seq_length))
         return self._cache[index]
 
 

@@ -14,6 +14,9 @@ for the samples of its domains with ``loss.routing=domain``), ``w_t`` is the tea
 Per-token teacher losses ℓ_t:
 
 - ``topk_jsd``: the vocab-parallel generalized JSD against the teacher's top-K (tail or renorm);
+- ``ctkd`` / ``gold`` (a teacher with another tokenizer): the P-KL or GOLD loss ℓ_c of each aligned
+  chunk c, counted once per student position in the chunk (Σ_c n_c · ℓ_c), so the unit stays the
+  student's tokens; positions outside every chunk add nothing;
 - ``mopd``: the sampled-token advantage loss −w_i · A_i · log π_S(y_i) with
   A_i = stopgrad(log π_T(y_i) − log π_S(y_i)) and the truncated importance weight
   w_i = clip(π_S(y_i) / π_rollout(y_i), r_min, r_max) when the rollout's behaviour log-probabilities are
@@ -25,13 +28,14 @@ Per-token teacher losses ℓ_t:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from megatron_mopd.losses import topk_generalized_jsd, vocab_parallel_token_logprobs
+from megatron_mopd.losses import gold_loss, projected_kl, topk_generalized_jsd, vocab_parallel_token_logprobs
 from megatron_mopd.teachers import TeacherLogprobs
 from megatron_mopd.trainer.config import TeacherConfig
+from megatron_mopd.trainer.cross_tokenizer import ChunkIds
 
 MOPD_TEACHER_LOGPROB_FLOOR = -20.0
 
@@ -45,13 +49,18 @@ class TeacherTerm:
     Attributes:
         config: the teacher's configuration (loss, β, τ, tail, weight, importance bounds).
         scores: rows ``[b, s, K]`` / ``[b, s]`` aligned with the student's positions (row j scores the
-            token at j + 1, as ``labels[:, j]``).
+            token at j + 1, as ``labels[:, j]``); for a teacher with another tokenizer, its own rows
+            ``[b, t-1, K]`` over its vocabulary.
         route: bool ``[b]``, the samples this teacher scores.
+        chunks, projection: for a teacher with another tokenizer, the aligned chunks of the micro-batch
+            and the ``crosstok.VocabProjection`` into its vocabulary.
     """
 
     config: TeacherConfig
     scores: TeacherLogprobs
     route: torch.Tensor
+    chunks: Optional[ChunkIds] = None
+    projection: Any = None
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,10 @@ def micro_batch_objective(
     divergences: dict[str, SumCount] = {}
     for term in teachers:
         scored = completion & term.route[:, None]
-        _check_rows(term, scored)
+        if term.chunks is None:
+            _check_rows(term, scored)
+        else:
+            scored &= term.chunks.student >= 0
         per_token, divergence = _teacher_loss(logits, student_logp, targets, term, vocab_size)
         loss_sum = loss_sum + term.config.weight * torch.where(scored, per_token, 0.0).sum()
         divergences[term.config.name] = (torch.where(scored, divergence, 0.0).sum().detach(),
@@ -142,8 +154,27 @@ def _teacher_loss(
             weight = torch.where(targets.dataset_completion[:, None], weight,
                                  ratio.clamp(cfg.importance_ratio_min, cfg.importance_ratio_max))
         return weight * log_ratio * student_logp, log_ratio
+    if cfg.loss in ("ctkd", "gold"):
+        per_chunk = _chunk_losses(logits, term, vocab_size)
+        chunk_of = term.chunks.student.to(logits.device)
+        per_token = torch.where(chunk_of >= 0, per_chunk[chunk_of.clamp_min(0)], 0.0)
+        return per_token, per_token.detach()
     raise ValueError(f"teacher {cfg.name!r}: loss {cfg.loss!r} is not available in the trainer yet "
-                     f"(available: topk_jsd, mopd)")
+                     f"(available: topk_jsd, ctkd, gold, mopd)")
+
+
+def _chunk_losses(logits: torch.Tensor, term: TeacherTerm, vocab_size: int) -> torch.Tensor:
+    """float32 ``[C]`` (at least one entry, so an empty micro-batch still indexes): each chunk's loss."""
+    cfg, chunks, scores = term.config, term.chunks, term.scores
+    if chunks.num_chunks == 0:
+        return logits.new_zeros(1, dtype=torch.float32)
+    loss_fn = projected_kl if cfg.loss == "ctkd" else gold_loss
+    device = logits.device
+    return loss_fn(
+        logits, chunks.student.to(device), scores.topk_logprobs, scores.topk_ids, chunks.teacher.to(device),
+        term.projection, num_chunks=chunks.num_chunks, beta=cfg.beta, temperature=cfg.temperature, tail=cfg.tail,
+        vocab_size=vocab_size,
+    )
 
 
 def _check_rows(term: TeacherTerm, scored: torch.Tensor) -> None:

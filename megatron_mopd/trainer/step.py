@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_mopd.teachers import submit_teacher_scores
-from megatron_mopd.trainer.data import DataStats, TokenizedSample, collate
+from megatron_mopd.trainer.cross_tokenizer import CrossTokenizerSide
+from megatron_mopd.trainer.data import DataStats, Example, collate
 from megatron_mopd.trainer.forward_step import MicroBatch, StepContext, StepTeacherScores, forward_step
 
 PHASES = ("rollout", "teacher_submit", "forward_backward", "teacher_wait", "optimizer")
@@ -69,33 +70,37 @@ class Trainee:
     pad_id: int
 
 
+@dataclass(frozen=True)
+class StepTeacher:
+    """A teacher as the step uses it: its configuration, its client (None on ranks that do not fetch)
+    and, for a teacher with another tokenizer, its side of the alignment."""
+
+    config: Any
+    client: Any
+    cross: Optional[CrossTokenizerSide] = None
+
+
 def run_step(
     step: int,
     trainee: Trainee,
-    samples: Sequence[TokenizedSample],
-    teachers: list[tuple[Any, Any]],
+    examples: Sequence[Example],
+    teachers: Sequence[StepTeacher],
     routes: dict[str, torch.Tensor],
     *,
     sft_alpha: float,
 ) -> StepResult:
-    """Train on this data-parallel rank's ``samples`` (its part of the global batch).
+    """Train on this data-parallel rank's ``examples`` (its part of the global batch).
 
     Args:
-        teachers: ``(config, client)`` per teacher; the client is None on ranks that do not fetch.
-        routes: bool ``[len(samples)]`` per teacher name, the samples it scores.
+        routes: bool ``[len(examples)]`` per teacher name, the samples it scores.
     """
     timer = PhaseTimer()
+    samples = [e.tokenized for e in examples]
     with timer.time("rollout"):
-        sequences = [s.input_ids for s in samples]
         dataset_completion = torch.ones(len(samples), dtype=torch.bool)
     with timer.time("teacher_submit"):
-        step_teachers = []
-        for config, client in teachers:
-            chosen = torch.nonzero(routes[config.name]).flatten()
-            rows = torch.full((len(samples),), -1, dtype=torch.long)
-            rows[chosen] = torch.arange(len(chosen))
-            pending = submit_teacher_scores(client, [sequences[int(i)] for i in chosen], seq_length=trainee.seq_length)
-            step_teachers.append(StepTeacherScores(config, pending, rows))
+        step_teachers = [_submit(teacher, examples, routes[teacher.config.name], trainee.seq_length)
+                         for teacher in teachers]
     context = StepContext(step, step_teachers, routes, sft_alpha, trainee.vocab_size, dist.get_rank())
     micro_batches = _micro_batches(samples, dataset_completion, context, trainee)
     with timer.time("forward_backward"):
@@ -121,6 +126,27 @@ def run_step(
         trainee.scheduler.step(increment=1)
     return StepResult(step, _reduce(reduced), lr,
                       None if grad_norm is None else float(grad_norm), timer.seconds, DataStats.of(samples))
+
+
+def _submit(teacher: StepTeacher, examples: Sequence[Example], route: torch.Tensor, seq_length: int) -> StepTeacherScores:
+    """Start the teacher's requests for the routed samples (this rank's batch order kept)."""
+    from megatron.core import parallel_state
+
+    chosen = [int(i) for i in torch.nonzero(route).flatten()]
+    rows = torch.full((len(examples),), -1, dtype=torch.long)
+    rows[chosen] = torch.arange(len(chosen))
+    if teacher.cross is None:
+        pending = submit_teacher_scores(teacher.client, [examples[i].tokenized.input_ids for i in chosen],
+                                        seq_length=seq_length)
+        return StepTeacherScores(teacher.config, pending, rows)
+    alignments: list = [None] * len(examples)
+    sequences = []
+    if parallel_state.is_pipeline_last_stage():  # the loss, and so the alignment, lives there
+        for i in chosen:
+            sequences.append(None)
+            sequences[-1], alignments[i] = teacher.cross.prepare(examples[i])
+    pending = submit_teacher_scores(teacher.client, sequences)
+    return StepTeacherScores(teacher.config, pending, rows, teacher.cross.projection, alignments)
 
 
 def _micro_batches(samples, dataset_completion, context: StepContext, trainee: Trainee) -> list[MicroBatch]:
