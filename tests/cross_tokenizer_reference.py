@@ -1,6 +1,6 @@
 """Plain single-process dense references for the cross-tokenizer losses (float64, autograd gradients).
 
-Written from the definitions (DESIGN.md §4, losses/cross_tokenizer.py docstring) with Python loops
+Written from the definitions (docs/design.md §4, losses/cross_tokenizer.py docstring) with Python loops
 and dense matrices: the full student softmax, the dense projection matrix W [V_student, V_teacher],
 per-chunk dictionaries for the teacher. No sharding, chunking, sparse kernels or closed forms.
 """

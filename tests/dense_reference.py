@@ -1,6 +1,6 @@
 """Plain single-process dense references for the divergence losses (float64, autograd gradients).
 
-Written from the definitions in DESIGN.md §2 with no knowledge of sharding, chunking or closed-form
+Written from the definitions in docs/design.md §2 with no knowledge of sharding, chunking or closed-form
 gradients: full-vocabulary log-softmax, explicit supports, the textbook formulas.
 """
 

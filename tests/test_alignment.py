@@ -1,4 +1,4 @@
-"""Specification: chunk alignment of two tokenizations of the same text (DESIGN.md §4).
+"""Specification: chunk alignment of two tokenizations of the same text (docs/design.md §4).
 
 Student and teacher are the two really different tokenizers of ``megatron_mopd.testing.tokenizers``
 (byte-level BPE with 3-digit number groups and byte tokens for CJK; SentencePiece-style ``▁`` BPE

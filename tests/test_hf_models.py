@@ -21,7 +21,6 @@ checkpoints are refused with a ValueError naming the field or tensor.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -163,12 +162,9 @@ def load_and_run(tp: int, pp: int, hf_dirs: dict[str, str], export_root: Optiona
     it under ``export_root`` if given.
 
     Returns the messages of the refusals checked at this layout (on every rank) and, on the first
-    rank of the last stage, per architecture: the logits, the RoPE angles and the parameter names
-    (with global layer numbers).
+    rank of the last stage, per architecture: the logits, the RoPE angles and the parameter names.
     """
     from megatron.core import parallel_state
-
-    from megatron_mopd.models.hf_weights import _global_parameters
 
     initialize_parallel(tp, pp, device="cpu", seed=SEED)
     try:
@@ -180,7 +176,7 @@ def load_and_run(tp: int, pp: int, hf_dirs: dict[str, str], export_root: Optiona
             load_hf_weights(model, path, arch)
             results["logits"][name] = megatron_logits(model)
             results["rope_angles"][name] = model.rotary_pos_emb.get_freqs_non_repeated(SEQ_LEN)
-            results["names"][name] = [param_name for param_name, _ in _global_parameters(model)]
+            results["names"][name] = [param_name for param_name, _ in model.named_parameters()]
             if export_root is not None:
                 export_hf_weights(model, arch, Path(export_root) / name)
         if export_root is not None:
@@ -248,6 +244,7 @@ def test_rope_angles_are_hf_ones(megatron_runs: dict, hf_dirs: dict[str, str], a
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_hf_tensor_feeds_exactly_one_parameter(megatron_runs: dict, hf_dirs: dict[str, str], arch: str) -> None:
+    """At TP=1 (one stage: local layer numbers are global ones), tied embeddings included."""
     architecture = GPTArchitecture.from_hf_config(hf_dirs[arch])
     sources = [name for param in megatron_runs["tp1"]["names"][arch] for name in hf_names_of(param, architecture)]
     assert sorted(sources) == sorted(hf_tensor_shapes(architecture))
@@ -304,6 +301,7 @@ def test_transformer_engine_names_map_to_the_same_hf_tensors() -> None:
         assert hf_names_of(f"decoder.layers.3.{fused}", arch) == hf_names_of(f"decoder.layers.3.{local}", arch)
 
 
+@pytest.mark.filterwarnings("ignore:full scope is deprecated:UserWarning")  # Megatron's own default
 def test_transformer_config_runs_without_fusions() -> None:
     arch = GPTArchitecture.from_hf_config(hf_configs()["qwen2-tied-linear-rope"])
     config = arch.transformer_config(2, 1)

@@ -1,5 +1,5 @@
 """Specification: ``RemoteTeacher`` reads top-K prompt log-probabilities from vLLM and SGLang servers
-(DESIGN.md §5) exactly, in batched requests, through retries and load balancing, and fails loudly
+(docs/design.md §5) exactly, in batched requests, through retries and load balancing, and fails loudly
 (naming server, request, sequence and position) whenever a response does not match its request.
 
 Servers are ``megatron_mopd.testing.canned_server.CannedServer`` (real HTTP on 127.0.0.1, bodies in

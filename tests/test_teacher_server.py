@@ -1,5 +1,5 @@
 """Specification: the reference teacher server (``mopd serve-teacher``) speaks the vLLM and SGLang
-subsets of DESIGN.md §5 and gives the numbers of running the model in-process.
+subsets of docs/design.md §5 and gives the numbers of running the model in-process.
 
 The server runs as a real subprocess (``python -m megatron_mopd.teachers.server``) on the tiny random
 Llama model; the client side is ``urllib`` + orjson, the reference is ``log_softmax(model(ids).logits)``

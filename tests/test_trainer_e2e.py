@@ -2,7 +2,9 @@
 under torchrun), on the demo's configuration with a shared reference teacher server:
 
 - TP=2, PP=2, TP=2 x PP=2 and DP=2 give the per-step losses of TP=1 (relative 1e-4: float32 sums in
-  another order over three Adam steps); the global batch is the same at every layout;
+  another order over four Adam steps), for a teacher with the student's tokenizer (top-K JSD) and one
+  with another tokenizer (GOLD through the projection); a colocated full-vocabulary JSD teacher gives
+  the same losses at TP=2 and PP=2; the global batch is the same at every layout;
 - a run killed after its step-2 checkpoint and resumed with ``checkpoint.resume=auto`` reproduces the
   uninterrupted run's losses (relative 1e-6), and ``metrics.jsonl`` describes one history;
 - a checkpoint saved at TP=2 continues at PP=2 with the uninterrupted run's losses;
@@ -21,24 +23,26 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mopd.demo.assets import DEMO_CONFIG
+from megatron_mopd.demo.assets import DEMO_CONFIG, demo_asset_path
 
+CROSS_CONFIG = Path(__file__).parents[1] / "examples" / "configs" / "cross_tokenizer_gold.yaml"
+COLOCATED_CONFIG = Path(__file__).parents[1] / "examples" / "configs" / "colocated_jsd.yaml"
 STEPS = 4
 LAYOUTS = {"tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]), "dp2": (2, []),
            "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2"])}
 
 
-def command(output: Path, url: str, *overrides: str, nproc: int = 1) -> list[str]:
+def command(output: Path, url: str, *overrides: str, nproc: int = 1, config: Path = DEMO_CONFIG) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return [*(launcher if nproc > 1 else [sys.executable]), "-m", "megatron_mopd.train", "--config", str(DEMO_CONFIG),
+    return [*(launcher if nproc > 1 else [sys.executable]), "-m", "megatron_mopd.train", "--config", str(config),
             f"output_dir={output}", f"teachers.0.urls=[{url}]", "teachers.0.model=null", f"train.steps={STEPS}",
             "train.lr_decay_style=constant", "train.lr_warmup_steps=0", "checkpoint.interval=0",
             "checkpoint.export_hf=false", "logging.progress=false", "logging.plot=false", *overrides]
 
 
-def run(output: Path, url: str, *overrides: str, nproc: int = 1) -> list[dict]:
+def run(output: Path, url: str, *overrides: str, nproc: int = 1, config: Path = DEMO_CONFIG) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command(output, url, *overrides, nproc=nproc), capture_output=True, text=True,
+    finished = subprocess.run(command(output, url, *overrides, nproc=nproc, config=config), capture_output=True, text=True,
                               timeout=900, env=env)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-5000:]
     return metrics(output)
@@ -82,6 +86,42 @@ def test_every_parallel_layout_gives_the_single_process_losses(baseline, demo_te
     records = run(tmp_path, demo_teacher_url, *overrides, nproc=nproc)
     assert [r["tokens"] for r in records] == [r["tokens"] for r in baseline[1]]
     assert losses(records) == pytest.approx(losses(baseline[1]), rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def cross_baseline(sp_teacher_url, tmp_path_factory) -> list[dict]:
+    return run(tmp_path_factory.mktemp("cross_tp1"), sp_teacher_url, config=CROSS_CONFIG)
+
+
+def test_a_teacher_with_another_tokenizer_trains_on_aligned_chunks(cross_baseline) -> None:
+    for record in cross_baseline:
+        assert record["divergence/sp_teacher"] > 0
+        assert record["loss"] <= record["divergence/sp_teacher"]  # positions outside every chunk add nothing
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_parallel_layout_gives_the_single_process_losses_across_tokenizers(
+    cross_baseline, sp_teacher_url, tmp_path, layout
+) -> None:
+    nproc, overrides = LAYOUTS[layout]
+    records = run(tmp_path, sp_teacher_url, *overrides, nproc=nproc, config=CROSS_CONFIG)
+    assert losses(records) == pytest.approx(losses(cross_baseline), rel=1e-4)
+
+
+COLOCATED = ("teachers.0.urls=[]", f"teachers.0.model={demo_asset_path('teacher')}")
+
+
+@pytest.fixture(scope="module")
+def colocated_baseline(tmp_path_factory) -> list[dict]:
+    return run(tmp_path_factory.mktemp("colocated_tp1"), "unused", *COLOCATED, config=COLOCATED_CONFIG)
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_a_colocated_full_vocabulary_teacher_gives_the_single_process_losses(colocated_baseline, tmp_path,
+                                                                              layout) -> None:
+    nproc, overrides = LAYOUTS[layout]
+    records = run(tmp_path, "unused", *COLOCATED, *overrides, nproc=nproc, config=COLOCATED_CONFIG)
+    assert losses(records) == pytest.approx(losses(colocated_baseline), rel=1e-4)
 
 
 def test_a_killed_run_resumes_exactly(baseline, demo_teacher_url, tmp_path) -> None:

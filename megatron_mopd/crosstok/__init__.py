@@ -1,4 +1,4 @@
-"""Cross-tokenizer distillation (DESIGN.md §4): canonical token bytes, the vocabulary projection, span
+"""Cross-tokenizer distillation (docs/design.md §4): canonical token bytes, the vocabulary projection, span
 alignment, and the text and offsets of sampled ids."""
 
 from megatron_mopd.crosstok.alignment import (

@@ -1,4 +1,4 @@
-"""Chunk alignment of two tokenizations of the same text (DESIGN.md §4, "Sequence alignment").
+"""Chunk alignment of two tokenizations of the same text (docs/design.md §4, "Sequence alignment").
 
 A chunk is a maximal character span between two positions that are token boundaries on both sides:
 one or more student tokens aligned with one or more teacher tokens holding the same characters.

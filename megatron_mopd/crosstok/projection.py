@@ -1,6 +1,6 @@
 """The vocabulary projection W (student vocabulary × teacher vocabulary, sparse) of CTKD / X-Token.
 
-Row i says which teacher tokens student token i stands for (DESIGN.md §4). It is built in passes
+Row i says which teacher tokens student token i stands for (docs/design.md §4). It is built in passes
 over canonical bytes (``canonical.py``), each row taking the first pass that maps it:
 
 ``special``      a special token ↔ the teacher's special token with the same content

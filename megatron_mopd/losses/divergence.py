@@ -23,8 +23,8 @@ s = z/τ − logsumexp(z/τ) that is ∂loss/∂z = (g − p_s · Σ_j g_j) / τ
 Zero probabilities: a log-probability may be -inf on either side (a masked or banned token, an
 entry absent from a support). Every term whose weight is 0 contributes 0·log 0 = 0 to the loss and
 exactly 0 to g: for β = 0 the entries with p_t = 0, for β = 1 those with p_s = 0, and in the mixture
-each of its two sums drops the entries where its own weight (p_t, resp. p_s) is 0 — there m stays
-finite as long as one side is positive. A probability that rounds to 0 in float32 counts as 0.
+each of its two sums the entries where its own weight (p_t, resp. p_s) is 0 — there m stays finite
+as long as one side is positive. A probability that rounds to 0 in float32 counts as 0.
 Two divergences are genuinely infinite and come out as +inf (with a non-finite g for β = 1):
 β = 0 when the student is -inf where the teacher has mass, β = 1 when the teacher is -inf where the
 student has mass. For 0 < β < 1 the loss is finite whenever both rows are distributions.
@@ -64,8 +64,8 @@ def generalized_jsd_terms(
         ``(loss [...], g [..., S])`` with ``loss = Σ_j ℓ_j`` and ``g_j = ∂loss/∂student_logp_j``.
     """
     s, t = student_logp, teacher_logp
-    # Each weighted sum drops the entries whose weight is exactly 0 (0·log 0 = 0) with masked_fill_
-    # on ``== 0``: a NaN weight is not 0 and still propagates.
+    # The KLs drop the entries whose weight is exactly 0 (0·log 0 = 0) with masked_fill_ on ``== 0``:
+    # a NaN weight is not 0 and still propagates. The mixture needs no mask (_log_ratios_to_mixture).
     if beta == 0.0:
         p_t = t.exp()
         loss = _rowdot(p_t, (t - s).masked_fill_(p_t == 0, 0.0))
@@ -76,10 +76,8 @@ def generalized_jsd_terms(
         loss = _rowdot(p_s, log_ratio)
         return loss, log_ratio.add_(1.0).mul_(p_s)
     m_minus_s, t_minus_m = _log_ratios_to_mixture(s, t, beta)
-    student_term = m_minus_s.mul_(p_s).masked_fill_(p_s == 0, 0.0)  # p_s (m − s)
-    p_t = t.exp()
-    loss = _rowdot(p_t, t_minus_m.masked_fill_(p_t == 0, 0.0))
-    loss.mul_(beta).sub_(student_term.sum(-1), alpha=1.0 - beta)
+    student_term = m_minus_s.mul_(p_s)  # p_s (m − s)
+    loss = _rowdot(t.exp(), t_minus_m).mul_(beta).sub_(student_term.sum(-1), alpha=1.0 - beta)
     return loss, student_term.mul_(beta - 1.0)
 
 
@@ -91,10 +89,14 @@ def _log_ratios_to_mixture(
     With d = t − s, w = β if d < 0 else 1 − β and l = log1p(w · expm1(−|d|)):
     m − s = max(d, 0) + l and t − m = min(d, 0) − l. Both are exactly 0 when s = t; expm1(−|d|)
     never overflows. w · expm1(−|d|) = (½ + (½ − β)·sign(d)) · expm1(−|d|): at d = 0 the weight does
-    not matter. One side at -inf: d = ±inf gives l = log β (d = +inf) or log(1 − β) (d = −inf), so the
-    ratio of the side with mass stays finite and the other is ±inf (the caller drops it: weight 0).
+    not matter.
+
+    Zero probabilities: d is taken with NaN → 0 (both sides -inf) and ±inf → ±float32 max (one side
+    -inf). Then the ratio of a side with mass is exact (d = +max gives l = log β, d = −max gives
+    l = log(1 − β)) and the ratio of a side at -inf is finite, so its 0 weight zeroes its term (a
+    ratio of ±inf would give 0·∞ = NaN). A NaN input still propagates, through its weight e^s or e^t.
     """
-    d = t - s
+    d = (t - s).nan_to_num_()
     l = d.abs().neg_().expm1_()
     l.mul_(0.5).addcmul_(l, torch.sign(d), value=1.0 - 2.0 * beta).log1p_()
     m_minus_s = d.clamp_min(0.0).add_(l)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -324,7 +324,7 @@ class GPTArchitecture:
             share_embeddings_and_output_weights=self.tie_word_embeddings,
             position_embedding_type="rope",
             rotary_base=self.rotary_base,
-            rope_scaling=False,
+            rope_scaling=self.rope_type == "llama3",
             rope_scaling_factor=self.rope_scaling_factor if self.rope_type == "llama3" else 8.0,
             seq_len_interpolation_factor=self.rope_scaling_factor if self.rope_type == "linear" else None,
         )
@@ -354,12 +354,6 @@ class GPTArchitecture:
             post_process=parallel_state.is_pipeline_last_stage(),
             **self.gpt_model_kwargs(),
         )
-
-    def replace(self, **changes: Any) -> "GPTArchitecture":
-        """A copy with ``changes`` (validated like a new one)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update(changes)
-        return GPTArchitecture(**values)
 
 
 def transformer_engine_usable() -> bool:

@@ -42,11 +42,14 @@ import os
 import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
 from megatron_mopd.models.architecture import GPTArchitecture
 
@@ -90,7 +93,13 @@ class _Recipe:
 
 def hf_tensor_shapes(arch: GPTArchitecture) -> dict[str, tuple[int, ...]]:
     """Every tensor an HF checkpoint of ``arch`` holds, with its shape."""
-    hidden, heads, groups, head_dim = arch.hidden_size, arch.num_attention_heads, arch.num_query_groups, arch.kv_channels
+    return dict(_hf_tensor_shapes(arch))
+
+
+@lru_cache(maxsize=8)
+def _hf_tensor_shapes(arch: GPTArchitecture) -> MappingProxyType:
+    hidden, heads, head_dim = arch.hidden_size, arch.num_attention_heads, arch.kv_channels
+    groups = arch.num_query_groups
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, hidden)}
     for i in range(arch.num_layers):
         prefix = f"model.layers.{i}."
@@ -117,7 +126,7 @@ def hf_tensor_shapes(arch: GPTArchitecture) -> dict[str, tuple[int, ...]]:
     shapes["model.norm.weight"] = (hidden,)
     if not arch.tie_word_embeddings:
         shapes["lm_head.weight"] = (arch.vocab_size, hidden)
-    return shapes
+    return MappingProxyType(shapes)
 
 
 def _recipe(megatron_name: str, arch: GPTArchitecture) -> _Recipe:
@@ -140,7 +149,7 @@ def _recipe(megatron_name: str, arch: GPTArchitecture) -> _Recipe:
         if kind_and_names is not None:
             kind, names = kind_and_names
             recipe = _Recipe(kind, tuple(f"model.layers.{parts[2]}.{name}" for name in names))
-    expected = hf_tensor_shapes(arch)
+    expected = _hf_tensor_shapes(arch)
     if recipe is None or any(name not in expected for name in recipe.hf_names):
         raise ValueError(
             f"model parameter {megatron_name} has no counterpart in an HF {arch.hf_model_type} checkpoint "
@@ -235,22 +244,21 @@ class HFCheckpoint:
     """
 
     def __init__(self, hf_dir: PathLike, arch: GPTArchitecture) -> None:
-        from safetensors import safe_open
-
         self.hf_dir = Path(hf_dir)
         self.arch = arch
         self._files = _tensor_files(self.hf_dir)
         self._stack = ExitStack()
         self._handles: dict[Path, Any] = {}
-        present: dict[str, tuple[int, ...]] = {}
-        for name, path in self._files.items():
-            present[name] = tuple(self._handle(path, safe_open).get_slice(name).get_shape())
-        self._check(present)
+        try:
+            self._check({name: tuple(self._handle(path).get_slice(name).get_shape())
+                         for name, path in self._files.items()})
+        except BaseException:
+            self.close()
+            raise
 
-    def _handle(self, path: Path, safe_open: Any = None) -> Any:
+    def _handle(self, path: Path) -> Any:
+        """The open safetensors file ``path`` (headers are read on opening, tensors on demand)."""
         if path not in self._handles:
-            if safe_open is None:
-                from safetensors import safe_open
             self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
         return self._handles[path]
 
@@ -311,8 +319,6 @@ def _tensor_files(hf_dir: Path) -> dict[str, Path]:
             f"{hf_dir} has neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}: only safetensors "
             f"checkpoints can be loaded"
         )
-    from safetensors import safe_open
-
     with safe_open(str(single), framework="pt") as handle:
         return {name: single for name in handle.keys()}
 
@@ -409,7 +415,8 @@ def export_hf_weights(
     ``model.safetensors`` (the vocabulary padding stripped), ``config.json`` (``arch.to_hf_config``
     plus ``hf_config_fields``, e.g. token ids; also the legacy ``rope_theta`` / ``rope_scaling`` keys
     for readers on transformers 4) and, if given, the tokenizer's files. They are written into a
-    staging directory next to ``out_dir``, which is then renamed to ``out_dir``.
+    staging directory next to ``out_dir``, which is then renamed to ``out_dir``. Rank 0 holds the
+    whole model on the CPU meanwhile.
 
     Args:
         model: this rank's ``GPTModel`` (wrappers are looked through).
@@ -420,15 +427,20 @@ def export_hf_weights(
         hf_config_fields: extra HF config fields that are not architecture.
 
     Raises:
-        ValueError: ``out_dir`` exists and is not an empty directory (on every rank).
+        ValueError: ``out_dir`` exists and is not an empty directory, or a parameter has no HF
+            counterpart in ``arch`` (on every rank).
         RuntimeError: writing failed on rank 0 (on the other ranks; rank 0 raises the error itself).
     """
     from megatron.core import parallel_state
 
     model = _unwrap(model)
     out_dir = Path(out_dir)
-    problem = _out_dir_problem(out_dir) if dist.get_rank() == 0 else None
-    problem = _broadcast_from_rank0(problem)
+    try:  # every rank checks its stage's parameters, rank 0 the directory; all raise if one fails
+        recipes = [(name, param, _recipe(name, arch)) for name, param in _global_parameters(model)]
+        problem = _out_dir_problem(out_dir) if dist.get_rank() == 0 else None
+    except ValueError as error:
+        problem = str(error)
+    problem = _first_problem_of_all_ranks(problem)
     if problem is not None:
         raise ValueError(problem)
 
@@ -436,7 +448,7 @@ def export_hf_weights(
     tp_group = parallel_state.get_tensor_model_parallel_group()
     writer = tp_rank == 0 and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
     stage_tensors: dict[str, torch.Tensor] = {}
-    for name, param in _global_parameters(model):
+    for name, param, recipe in recipes:
         if name == "output_layer.weight" and arch.tie_word_embeddings:
             continue  # the last stage's copy of the embedding (PP > 1)
         pieces = [param.detach()]
@@ -445,7 +457,7 @@ def export_hf_weights(
             dist.all_gather(pieces, param.detach().contiguous(), group=tp_group)
         if writer:
             full = _unshard(pieces, param, tp)
-            for hf_name, tensor in _to_hf(_recipe(name, arch), full, arch).items():
+            for hf_name, tensor in _to_hf(recipe, full, arch).items():
                 # Own storage per tensor: safetensors refuses tensors sharing memory.
                 stage_tensors[hf_name] = tensor.to("cpu", dtype or tensor.dtype).clone(
                     memory_format=torch.contiguous_format)
@@ -459,7 +471,7 @@ def export_hf_weights(
         try:
             tensors = {name: tensor for stage in gathered for name, tensor in stage.items()}
             _write_hf_dir(tensors, arch, out_dir, tokenizer, hf_config_fields)
-        except BaseException as exc:  # noqa: BLE001 - the other ranks must learn of it
+        except BaseException as exc:  # the other ranks must learn of it
             error = exc
     outcome = _broadcast_from_rank0(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
@@ -472,6 +484,13 @@ def _out_dir_problem(out_dir: Path) -> Optional[str]:
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         return f"out_dir {out_dir} already exists and is not an empty directory: export to a new directory"
     return None
+
+
+def _first_problem_of_all_ranks(problem: Optional[str]) -> Optional[str]:
+    """The first rank's problem, on every rank (a collective), or None when no rank has one."""
+    problems: list[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p is not None), None)
 
 
 def _broadcast_from_rank0(value: Optional[str]) -> Optional[str]:

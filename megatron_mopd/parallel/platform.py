@@ -1,6 +1,6 @@
 """Device / communication back-end selection and Megatron-Core parallel initialization.
 
-Three platforms (DESIGN.md §6): CUDA with NCCL (production), Ascend NPU with HCCL through MindSpeed,
+Three platforms (docs/design.md §6): CUDA with NCCL (production), Ascend NPU with HCCL through MindSpeed,
 and CPU with gloo (tests, CI, demo; Megatron-Core runs there in CPU mode, see ``cpu_mode``).
 
 NPU: ``import mindspeed.megatron_adaptor`` must run right after ``import torch`` and before anything

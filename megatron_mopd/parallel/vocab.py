@@ -125,7 +125,7 @@ class VocabShard:
     def gather_columns(self, local: torch.Tensor, ids: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Values at global ids ``ids`` [N, K] of a sharded ``local`` [N, V_local], replicated on all ranks.
 
-        Masked local gather + all-reduce (DESIGN.md §3 "replicated values"): each rank fills the ids it
+        Masked local gather + all-reduce (docs/design.md §3 "replicated values"): each rank fills the ids it
         owns and zeros elsewhere, the sum gives every rank all K values. Entries where ``present`` is
         False are 0. Returns float32 [N, K].
         """

@@ -1,4 +1,4 @@
-"""Teacher sources (DESIGN.md §1, §5): what they return (``TeacherLogprobs``) and how they are reached."""
+"""Teacher sources (docs/design.md §1, §5): what they return (``TeacherLogprobs``) and how they are reached."""
 
 from megatron_mopd.teachers.colocated import ColocatedTeacher
 from megatron_mopd.teachers.placement import (

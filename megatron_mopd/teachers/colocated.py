@@ -1,7 +1,7 @@
 """A colocated Megatron-Core teacher: a ``GPTModel`` with the student's TP/PP layout, run forward-only.
 
 The teacher lives in the trainer's processes and shares Megatron's parallel state with the student
-(DESIGN.md §1 step 4, §3). Scoring runs the step's sequences through Megatron's own pipeline schedule
+(docs/design.md §1 step 4, §3). Scoring runs the step's sequences through Megatron's own pipeline schedule
 (``get_forward_backward_func()(..., forward_only=True, collect_non_loss_data=True)``), one micro-batch
 of ``micro_batch_size`` sequences after another. On the last pipeline stage each micro-batch's
 vocab-sharded logits ``[b, T, V_local]`` are reduced at once to what the loss needs:

@@ -1,4 +1,4 @@
-"""Where a remote teacher's scores are fetched and where they go (DESIGN.md §1, §3, §5).
+"""Where a remote teacher's scores are fetched and where they go (docs/design.md §1, §3, §5).
 
 Only the last pipeline stage computes the loss, so only it needs teacher data. Per data-parallel rank,
 one rank fetches: rank 0 of the last stage's tensor-and-context-parallel group (TP rank 0, CP rank 0)
@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from megatron_mopd.teachers.types import TeacherLogprobs, TeacherSource
 
-__all__ = ["PendingTeacherScores", "cp_slice", "fetch_teacher_scores", "submit_teacher_scores"]
+__all__ = ["PendingTeacherScores", "cp_slice", "fetch_teacher_scores", "local_rows", "submit_teacher_scores"]
 
 
 def cp_slice(
@@ -93,7 +93,7 @@ class PendingTeacherScores:
                 raise error
             raise RuntimeError(f"the teacher fetch on the last stage's TP/CP rank 0 failed: {header[0]['error']}")
         scores = _broadcast_tensors(scores, header[0], group, device)
-        return _local_rows(scores, self._seq_length)
+        return local_rows(scores, self._seq_length)
 
 
 def submit_teacher_scores(
@@ -167,7 +167,7 @@ def _broadcast_tensors(
                            header["sequences"], header["offsets"])
 
 
-def _local_rows(scores: TeacherLogprobs, seq_length: Optional[int]) -> TeacherLogprobs:
+def local_rows(scores: TeacherLogprobs, seq_length: Optional[int]) -> TeacherLogprobs:
     """Rows padded (invalid: −inf, id 0, token log-probability 0) to ``seq_length``, then this
     context-parallel rank's slice of them."""
     rows = scores.valid.shape[1]

@@ -1,4 +1,4 @@
-"""Wire formats of remote teachers (DESIGN.md §5): request bodies, and strict, fast response parsing.
+"""Wire formats of remote teachers (docs/design.md §5): request bodies, and strict, fast response parsing.
 
 A request carries S token sequences; its response is parsed into ``ScoredRows``: one row per scored
 position, sequence after sequence (row r of sequence i is the distribution of token r + 1 given tokens

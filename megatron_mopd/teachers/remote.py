@@ -1,4 +1,4 @@
-"""``RemoteTeacher``: top-K prompt log-probabilities from vLLM or SGLang servers (DESIGN.md §5).
+"""``RemoteTeacher``: top-K prompt log-probabilities from vLLM or SGLang servers (docs/design.md §5).
 
 ``submit`` splits a batch into requests of at most ``max_sequences_per_request`` sequences and
 ``max_tokens_per_request`` tokens and sends them from a thread pool: at most

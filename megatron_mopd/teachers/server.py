@@ -2,7 +2,7 @@
 
 ``mopd serve-teacher --model DIR`` (or ``python -m megatron_mopd.teachers.server --model DIR``) serves
 any local ``AutoModelForCausalLM`` directory (its tokenizer too when the directory has one) with the
-subset of the two protocols that DESIGN.md §5 reads, with the same numbers as running the model
+subset of the two protocols that docs/design.md §5 reads, with the same numbers as running the model
 in-process:
 
 - vLLM: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` with ``prompt`` (token ids, a

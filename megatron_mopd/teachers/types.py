@@ -1,7 +1,7 @@
 """What every teacher source returns, and the interface a teacher source offers.
 
 Row j of a ``TeacherLogprobs`` is the teacher's distribution of token j+1 given tokens 0..j of its
-sequence, so it lines up with the student's logits at position j (DESIGN.md §1, §5).
+sequence, so it lines up with the student's logits at position j (docs/design.md §1, §5).
 """
 
 from __future__ import annotations

@@ -269,13 +269,14 @@ class MopdConfig:
     data: DataConfig = _help("the dataset", factory=DataConfig)
     train: TrainConfig = _help("optimization", factory=TrainConfig)
     loss: LossConfig = _help("combining the teachers", factory=LossConfig)
-    teachers: List[TeacherConfig] = _help("the teachers (at least one)", factory=list)
+    teachers: List[TeacherConfig] = _help("the teachers (none: plain fine-tuning with loss.sft_alpha)", factory=list)
     rollout: RolloutConfig = _help("completions", factory=RolloutConfig)
     checkpoint: CheckpointConfig = _help("checkpoints", factory=CheckpointConfig)
     logging: LoggingConfig = _help("logging", factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        _require(len(self.teachers) >= 1, "teachers: configure at least one teacher")
+        _require(len(self.teachers) >= 1 or self.loss.sft_alpha > 0,
+                 "teachers: configure at least one teacher (or loss.sft_alpha > 0 for plain fine-tuning)")
         names = [t.name for t in self.teachers]
         _require(len(set(names)) == len(names), f"teacher names must be distinct, got {names}")
         if self.loss.routing == "domain":

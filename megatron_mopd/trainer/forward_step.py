@@ -35,13 +35,16 @@ class StepTeacherScores:
 
     ``rows`` maps each sample of the rank's batch to its row in the teacher's answer (−1: the sample is
     not routed to this teacher and was not sent). A teacher with another tokenizer also carries the
-    ``projection`` and each sample's ``alignments`` (None where not sent).
+    ``projection`` and each sample's ``alignments`` (None where not sent). A colocated ``jsd`` teacher
+    carries its sharded ``logits`` per micro-batch instead of scores.
     """
 
-    def __init__(self, config: TeacherConfig, pending: PendingTeacherScores, rows: torch.Tensor,
-                 projection: Any = None, alignments: Optional[list[Optional[SequenceAlignment]]] = None) -> None:
+    def __init__(self, config: TeacherConfig, pending: Optional[PendingTeacherScores], rows: torch.Tensor,
+                 projection: Any = None, alignments: Optional[list[Optional[SequenceAlignment]]] = None,
+                 logits: Optional[list[torch.Tensor]] = None) -> None:
         self.config, self.rows = config, rows
         self.projection, self.alignments = projection, alignments
+        self.logits = logits  # a jsd teacher: its logits per micro-batch (no pending scores)
         self._pending: Optional[PendingTeacherScores] = pending
         self._scores: Optional[TeacherLogprobs] = None
         self.waited_s = 0.0
@@ -129,8 +132,10 @@ def loss_func(batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, to
 
 def _term(teacher: StepTeacherScores, rows: slice, batch: MicroBatch, device: torch.device,
           context: StepContext) -> TeacherTerm:
-    scores = _rows(teacher.scores(), rows, device)
     route = context.routes[teacher.config.name][rows].to(device)
+    if teacher.logits is not None:
+        return TeacherTerm(teacher.config, None, route, logits=teacher.logits[rows.start // batch.tokens.shape[0]])
+    scores = _rows(teacher.scores(), rows, device)
     if teacher.alignments is None:
         return TeacherTerm(teacher.config, scores, route)
     chunks = chunk_ids(teacher.alignments[rows], batch.tokens.shape[1], scores.valid.shape[1])

@@ -108,7 +108,7 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
     began = time.perf_counter()
     try:
         with open_teachers(config.teachers, fetching=layout.fetching, log_dir=output_dir / "logs",
-                           say=report_say) as clients:
+                           colocated=lambda t: _colocated_teacher(t, config, arch, trainee), say=report_say) as clients:
             teachers = [StepTeacher(t, clients[t.name], cross_sides.get(t.name)) for t in config.teachers]
             report_say(_banner(config, arch, layout, start_step))
             if layout.reporting:
@@ -190,9 +190,9 @@ def _check_layout(config: MopdConfig, arch, layout: Layout) -> None:
          "rollout.lmbda=0 and rollout.seq_kd=false (dataset completions)"),
     ]
     for teacher in config.teachers:
-        checks.append((teacher.placement == "remote",
-                       f"teacher {teacher.name!r}: colocated teachers are not available in the trainer yet; "
-                       f"serve it (placement: remote, model: DIR)"))
+        checks.append((teacher.placement == "remote" or cp == 1,
+                       f"teacher {teacher.name!r}: a colocated teacher does not support parallel.cp > 1; serve it "
+                       f"(placement: remote, model: DIR)"))
         checks.append((teacher.tokenizer is None or cp == 1,
                        f"teacher {teacher.name!r}: a teacher with another tokenizer does not support parallel.cp > 1 yet"))
     for ok, message in checks:
@@ -296,6 +296,39 @@ def _build_trainee(config: MopdConfig, arch, tokenizer, layout: Layout, say: Cal
                    train.micro_batch_size, arch.vocab_size, pad_id if pad_id is not None else 0)
 
 
+def _colocated_teacher(teacher, config: MopdConfig, arch, trainee):
+    """A colocated teacher: its Hugging Face directory loaded into a Megatron-Core model with the student's
+    layout; its vocabulary must be the student's (same ids, same padding)."""
+    from megatron_mopd.models import GPTArchitecture, load_hf_weights
+    from megatron_mopd.teachers import ColocatedTeacher
+
+    where = f"teacher {teacher.name!r}"
+    try:
+        teacher_arch = GPTArchitecture.from_hf_config(
+            teacher.model, make_vocab_size_divisible_by=config.model.make_vocab_size_divisible_by)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"{where}: model {teacher.model}: {error}") from None
+    if teacher_arch.vocab_size != arch.vocab_size:
+        raise ConfigError(
+            f"{where}: a colocated teacher must have the student's vocabulary ({arch.vocab_size} ids), its model "
+            f"has {teacher_arch.vocab_size}; serve a teacher with another vocabulary remotely with a projection "
+            f"(placement: remote, tokenizer, projection, loss: ctkd or gold)")
+    parallel = config.parallel
+    if teacher_arch.num_query_groups % parallel.tp or teacher_arch.num_layers % parallel.pp:
+        raise ConfigError(f"{where}: the teacher's {teacher_arch.num_query_groups} key/value heads and "
+                          f"{teacher_arch.num_layers} layers must divide by parallel.tp and parallel.pp")
+    dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
+    model = teacher_arch.build(parallel.tp, parallel.pp, params_dtype=dtype)
+    try:
+        load_hf_weights(model, teacher.model, teacher_arch)
+    except ValueError as error:
+        raise ConfigError(f"{where}: model {teacher.model}: {error}") from None
+    if next(trainee.model[0].parameters()).device.type != "cpu":
+        model.to(next(trainee.model[0].parameters()).device)
+    return ColocatedTeacher(model, topk=teacher.topk, vocab_size=arch.vocab_size,
+                            micro_batch_size=trainee.micro_batch_size, pad_token_id=trainee.pad_id)
+
+
 def _resume_path(config: MopdConfig, output_dir: Path, latest_checkpoint) -> Optional[Path]:
     resume = config.checkpoint.resume
     if resume == "none":
@@ -321,7 +354,8 @@ def _export(trainee, arch, tokenizer, out_dir: Path, say: Callable[[str], None])
 
 
 def _banner(config: MopdConfig, arch, layout: Layout, start_step: int) -> str:
-    teachers = ", ".join(f"{t.name} ({t.loss}, K={t.topk})" for t in config.teachers)
+    teachers = ", ".join(f"{t.name} ({t.placement} {t.loss}{'' if t.loss == 'jsd' else f', K={t.topk}'})"
+                         for t in config.teachers) or "none (fine-tuning)"
     return (f"mopd train: student {arch.hf_model_type} {arch.num_layers} layers x {arch.hidden_size} on "
             f"{layout.device_type}, TP={config.parallel.tp} PP={config.parallel.pp} CP={config.parallel.cp} "
             f"DP={layout.dp_size}; teachers: {teachers}; steps {start_step}..{config.train.steps} of "

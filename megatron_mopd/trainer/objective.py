@@ -13,6 +13,7 @@ for the samples of its domains with ``loss.routing=domain``), ``w_t`` is the tea
 
 Per-token teacher losses ℓ_t:
 
+- ``jsd`` (a colocated teacher): the vocab-parallel generalized JSD against its full sharded logits;
 - ``topk_jsd``: the vocab-parallel generalized JSD against the teacher's top-K (tail or renorm);
 - ``ctkd`` / ``gold`` (a teacher with another tokenizer): the P-KL or GOLD loss ℓ_c of each aligned
   chunk c, counted once per student position in the chunk (Σ_c n_c · ℓ_c), so the unit stays the
@@ -32,7 +33,9 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_mopd.losses import gold_loss, projected_kl, topk_generalized_jsd, vocab_parallel_token_logprobs
+from megatron_mopd.losses import (
+    generalized_jsd, gold_loss, projected_kl, topk_generalized_jsd, vocab_parallel_token_logprobs,
+)
 from megatron_mopd.teachers import TeacherLogprobs
 from megatron_mopd.trainer.config import TeacherConfig
 from megatron_mopd.trainer.cross_tokenizer import ChunkIds
@@ -52,15 +55,19 @@ class TeacherTerm:
             token at j + 1, as ``labels[:, j]``); for a teacher with another tokenizer, its own rows
             ``[b, t-1, K]`` over its vocabulary.
         route: bool ``[b]``, the samples this teacher scores.
+            None for a ``jsd`` teacher, which gives ``logits`` instead.
+        route: bool ``[b]``, the samples this teacher scores.
         chunks, projection: for a teacher with another tokenizer, the aligned chunks of the micro-batch
             and the ``crosstok.VocabProjection`` into its vocabulary.
+        logits: for a ``jsd`` teacher, its logits ``[b, s, V_local]``, sharded as the student's.
     """
 
     config: TeacherConfig
-    scores: TeacherLogprobs
+    scores: Optional[TeacherLogprobs]
     route: torch.Tensor
     chunks: Optional[ChunkIds] = None
     projection: Any = None
+    logits: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -113,10 +120,10 @@ def micro_batch_objective(
     divergences: dict[str, SumCount] = {}
     for term in teachers:
         scored = completion & term.route[:, None]
-        if term.chunks is None:
-            _check_rows(term, scored)
-        else:
+        if term.chunks is not None:
             scored &= term.chunks.student >= 0
+        elif term.scores is not None:
+            _check_rows(term, scored)
         per_token, divergence = _teacher_loss(logits, student_logp, targets, term, vocab_size)
         loss_sum = loss_sum + term.config.weight * torch.where(scored, per_token, 0.0).sum()
         divergences[term.config.name] = (torch.where(scored, divergence, 0.0).sum().detach(),
@@ -139,6 +146,9 @@ def _teacher_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token loss ``[b, s]`` with gradient, per-token divergence ``[b, s]`` for the logs)."""
     cfg, scores = term.config, term.scores
+    if cfg.loss == "jsd":
+        loss = generalized_jsd(logits, term.logits, beta=cfg.beta, temperature=cfg.temperature, vocab_size=vocab_size)
+        return loss, loss.detach()
     if cfg.loss == "topk_jsd":
         loss = topk_generalized_jsd(
             logits, scores.topk_logprobs, scores.topk_ids, beta=cfg.beta, temperature=cfg.temperature,
@@ -160,7 +170,7 @@ def _teacher_loss(
         per_token = torch.where(chunk_of >= 0, per_chunk[chunk_of.clamp_min(0)], 0.0)
         return per_token, per_token.detach()
     raise ValueError(f"teacher {cfg.name!r}: loss {cfg.loss!r} is not available in the trainer yet "
-                     f"(available: topk_jsd, ctkd, gold, mopd)")
+                     f"(available: jsd, topk_jsd, ctkd, gold, mopd)")
 
 
 def _chunk_losses(logits: torch.Tensor, term: TeacherTerm, vocab_size: int) -> torch.Tensor:

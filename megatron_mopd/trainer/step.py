@@ -1,7 +1,8 @@
 """One optimizer step as named, timed phases:
 
     rollout          the step's sequences: dataset completions (off-policy), or the rollout engine's
-    teacher_submit   each teacher's requests start now (remote: on the fetching rank, in the background)
+    teacher_submit   each teacher's requests start now (remote: on the fetching rank, in the background;
+                     colocated: the teacher's forward-only pass runs now, on every rank)
     forward_backward Megatron's schedule over the micro-batches; the loss waits for the teachers
                      (``teacher_wait``, timed inside it) only when it first needs their scores
     optimizer        the Megatron optimizer's step and the learning-rate schedule
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mopd.teachers import submit_teacher_scores
+from megatron_mopd.teachers.placement import local_rows
 from megatron_mopd.trainer.cross_tokenizer import CrossTokenizerSide
 from megatron_mopd.trainer.data import DataStats, Example, collate
 from megatron_mopd.trainer.forward_step import MicroBatch, StepContext, StepTeacherScores, forward_step
@@ -132,6 +134,8 @@ def _submit(teacher: StepTeacher, examples: Sequence[Example], route: torch.Tens
     """Start the teacher's requests for the routed samples (this rank's batch order kept)."""
     from megatron.core import parallel_state
 
+    if getattr(teacher.client, "collective", False):
+        return _run_colocated(teacher, examples, seq_length)
     chosen = [int(i) for i in torch.nonzero(route).flatten()]
     rows = torch.full((len(examples),), -1, dtype=torch.long)
     rows[chosen] = torch.arange(len(chosen))
@@ -147,6 +151,28 @@ def _submit(teacher: StepTeacher, examples: Sequence[Example], route: torch.Tens
             sequences[-1], alignments[i] = teacher.cross.prepare(examples[i])
     pending = submit_teacher_scores(teacher.client, sequences)
     return StepTeacherScores(teacher.config, pending, rows, teacher.cross.projection, alignments)
+
+
+class _Ready:
+    """Scores computed already (a colocated teacher), delivered like a remote teacher's."""
+
+    def __init__(self, scores: Any, seq_length: int) -> None:
+        self._scores, self._seq_length = scores, seq_length
+
+    def wait(self) -> Any:
+        return None if self._scores is None else local_rows(self._scores, self._seq_length)
+
+
+def _run_colocated(teacher: StepTeacher, examples: Sequence[Example], seq_length: int) -> StepTeacherScores:
+    """A colocated teacher runs now, on every rank, over the whole batch (in the student's micro-batches):
+    its top-K (``topk_jsd``, ``mopd``) or its sharded logits per micro-batch (``jsd``)."""
+    sequences = [e.tokenized.input_ids for e in examples]
+    rows = torch.arange(len(examples))
+    if teacher.config.loss != "jsd":
+        return StepTeacherScores(teacher.config, _Ready(teacher.client.score(sequences), seq_length), rows)
+    logits = [None if part is None else torch.nn.functional.pad(part, (0, 0, 0, seq_length - part.shape[1]))
+              for part in teacher.client.iter_logits(sequences)]
+    return StepTeacherScores(teacher.config, None, rows, logits=logits)
 
 
 def _micro_batches(samples, dataset_completion, context: StepContext, trainee: Trainee) -> list[MicroBatch]:

@@ -1,6 +1,7 @@
 """The run's teachers: clients for remote servers, and the servers the trainer starts itself.
 
-A remote teacher entry either lists ``urls`` (servers you run: vLLM, SGLang, ``mopd serve-teacher``) or
+A colocated teacher (``placement: colocated``) is a Megatron-Core model with the student's layout,
+loaded from its Hugging Face directory, run forward-only by every rank. A remote teacher entry either lists ``urls`` (servers you run: vLLM, SGLang, ``mopd serve-teacher``) or
 names a ``model`` directory: then local rank 0 of every node starts the reference teacher server on
 it (``mopd serve-teacher``, on loopback, ``--max-logprobs`` = the teacher's top-K) before training and
 stops it after, so a small run is one command. Only the ranks that fetch scores (the last pipeline
@@ -13,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import socket
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch.distributed as dist
 
@@ -24,25 +25,28 @@ from megatron_mopd.trainer.config import TeacherConfig
 
 @contextlib.contextmanager
 def open_teachers(
-    configs: list[TeacherConfig], *, fetching: bool, log_dir: Path, say=print
-) -> Iterator[dict[str, Optional[RemoteTeacher]]]:
-    """Start the self-served teachers, connect the clients; stop and close everything on exit.
+    configs: list[TeacherConfig], *, fetching: bool, log_dir: Path, colocated: Callable[[TeacherConfig], Any],
+    say=print,
+) -> Iterator[dict[str, Any]]:
+    """Start the self-served teachers, connect the clients, build the colocated teachers; stop and close
+    everything on exit.
 
     Collective over all ranks. Args:
-        fetching: whether this rank fetches teacher scores (it then holds clients).
+        fetching: whether this rank fetches teacher scores (it then holds the remote clients).
+        colocated: builds a colocated teacher (a ``ColocatedTeacher``, on every rank) from its config.
         log_dir: where the self-served servers write their logs (``teacher-<name>.log``).
         say: prints a progress line (on the reporting rank).
     """
     with contextlib.ExitStack() as stack:
-        urls = {}
-        for config in configs:
-            if config.placement != "remote":
-                raise ValueError(f"teacher {config.name!r}: colocated teachers are not available in the trainer yet")
-            urls[config.name] = list(config.urls) or stack.enter_context(_self_served(config, log_dir, say))
-        clients: dict[str, Optional[RemoteTeacher]] = {}
+        remote = [c for c in configs if c.placement == "remote"]
+        urls = {c.name: list(c.urls) or stack.enter_context(_self_served(c, log_dir, say)) for c in remote}
+        clients: dict[str, Any] = {}
         for config in configs:
             client = None
-            if fetching:
+            if config.placement == "colocated":
+                say(f"teacher {config.name}: loading {config.model} into Megatron (colocated)")
+                client = colocated(config)
+            elif fetching:
                 say(f"teacher {config.name}: waiting up to {config.wait_for_servers_s:.0f} s for {urls[config.name]}")
                 try:
                     client = stack.enter_context(RemoteTeacher(
