@@ -75,6 +75,7 @@ def _quiet_megatron_imports() -> None:
     if not os.environ.get("MOPD_VERBOSE"):
         warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
         warnings.filterwarnings("ignore", message=".*apex.*", category=UserWarning)
+        warnings.filterwarnings("ignore", message="full scope is deprecated")  # Megatron's own default config
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -8,6 +8,8 @@ A configuration names them as ``${demo:NAME}`` (an OmegaConf resolver registered
 ``teacher``    a small Llama-architecture Hugging Face model over that tokenizer, sharp output layer;
 ``student``    a smaller-norm Llama-architecture model of the same shape (another seed): the student;
 ``data``       a JSONL file of prompt/completion pairs cut from the same text;
+``routed_data``  the same pairs with a ``domain``: ``numbers`` where the text has digits, else ``text``;
+``teacher_b``  a second teacher with the student's tokenizer (another seed), for routed runs;
 ``sp_tokenizer``, ``sp_teacher``, ``sp_projection``  a teacher with *another* tokenizer (a
                SentencePiece-style BPE with byte fallback), and the vocabulary projection from the
                student's tokenizer into it (``mopd build-projection``), for cross-tokenizer runs.
@@ -35,6 +37,8 @@ def demo_asset_path(name: str) -> Path:
         "teacher": lambda: tiny_causal_lm_dir("byte_level_bpe", DEMO_VOCAB_SIZE, seed=0),
         "student": lambda: tiny_causal_lm_dir("byte_level_bpe", DEMO_VOCAB_SIZE, seed=1, lm_head_scale=1.0),
         "data": demo_data_path,
+        "routed_data": lambda: demo_data_path(routed=True),
+        "teacher_b": lambda: tiny_causal_lm_dir("byte_level_bpe", DEMO_VOCAB_SIZE, seed=2),
         "sp_tokenizer": lambda: tokenizer_dir("sentencepiece_bpe", DEMO_VOCAB_SIZE),
         "sp_teacher": lambda: tiny_causal_lm_dir("sentencepiece_bpe", DEMO_VOCAB_SIZE, seed=0),
         "sp_projection": demo_projection_path,
@@ -44,15 +48,16 @@ def demo_asset_path(name: str) -> Path:
     return builders[name]()
 
 
-def demo_data_path() -> Path:
+def demo_data_path(routed: bool = False) -> Path:
     """``prompt``/``completion`` JSONL: each line of the multilingual sample and the first paragraph of
-    standard-library module docstrings, split after their first third of words (deterministic)."""
+    standard-library module docstrings, split after their first third of words (deterministic); with
+    ``routed``, each sample also has a ``domain`` (``numbers`` if it has a digit, else ``text``)."""
     from megatron_mopd.trainer.files import atomic_write_text
 
-    target = cache_root().parent / "data" / f"demo-{corpus_key()}.jsonl"
+    target = cache_root().parent / "data" / f"demo{'-routed' if routed else ''}-{corpus_key()}.jsonl"
     if target.exists():
         return target
-    rows = [json.dumps(_split(text)) for text in _demo_texts()]
+    rows = [json.dumps({**_split(text), **({"domain": _domain(text)} if routed else {})}) for text in _demo_texts()]
     atomic_write_text(target, "\n".join(rows) + "\n")
     return target
 
@@ -82,6 +87,10 @@ def _demo_texts(limit: int = 256) -> list[str]:
         if len(texts) >= limit:
             break
     return texts
+
+
+def _domain(text: str) -> str:
+    return "numbers" if any(c.isdigit() for c in text) else "text"
 
 
 def _split(text: str) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Exact vocab-parallel distillation losses (DESIGN.md §2-§4).
+"""Exact vocab-parallel distillation losses (docs/design.md §2-§4).
 
 All take this rank's logits shard ``[..., V_local]``. The same-vocabulary losses return a float32
 per-position loss with the input's leading shape (``masked_sum_and_count`` reduces it); the

@@ -1,4 +1,4 @@
-"""Cross-tokenizer distillation losses on vocab-sharded student logits (DESIGN.md §4).
+"""Cross-tokenizer distillation losses on vocab-sharded student logits (docs/design.md §4).
 
 The student and the teacher tokenize the same text differently; ``crosstok.align_batch`` cuts it into
 aligned chunks (spans that both tokenizations cover with whole tokens) and gives each student position
@@ -8,7 +8,7 @@ and return one loss per chunk ``[C]`` (sum it and divide by C, or reduce (sum, C
 
 ``projected_kl`` (P-KL, CTKD / X-Token): the student's distribution is carried into teacher space by
 the sparse projection W (``crosstok.VocabProjection``), q = Wᵀ p_S, restricted to the teacher's ids
-of the chunk. The divergence is the generalized JSD(β) of DESIGN.md §2 on the teacher's ids plus a tail
+of the chunk. The divergence is the generalized JSD(β) of docs/design.md §2 on the teacher's ids plus a tail
 bucket (``tail``) or renormalized over them (``renorm``); β = 0 (default) is the forward KL(T‖S),
 β = 1 the reverse KL(S‖T). Teacher ids that no student token projects to cannot be matched by any
 student and are moved to the teacher's tail.

@@ -22,14 +22,14 @@ s = z/τ − logsumexp(z/τ) that is ∂loss/∂z = (g − p_s · Σ_j g_j) / τ
 
 Zero probabilities: a log-probability may be -inf on either side (a masked or banned token, an
 entry absent from a support). Every term whose weight is 0 contributes 0·log 0 = 0 to the loss and
-exactly 0 to g: for β = 0 the entries with p_t = 0, for β = 1 those with p_s = 0, and in the mixture
-each of its two sums the entries where its own weight (p_t, resp. p_s) is 0 — there m stays finite
-as long as one side is positive. A probability that rounds to 0 in float32 counts as 0.
+exactly 0 to g: for β = 0 the entries with p_t = 0, for β = 1 those with p_s = 0, and in the mixture,
+in each of its two sums, the entries where that sum's weight (p_t, resp. p_s) is 0 — m stays finite
+there as long as one side is positive. A probability that rounds to 0 in float32 counts as 0.
 Two divergences are genuinely infinite and come out as +inf (with a non-finite g for β = 1):
 β = 0 when the student is -inf where the teacher has mass, β = 1 when the teacher is -inf where the
 student has mass. For 0 < β < 1 the loss is finite whenever both rows are distributions.
 NaN and +inf are not log-probabilities: a NaN input gives a NaN loss (never a finite one); the
-callers turn logits into log-probabilities, where a NaN or +inf logit makes the whole row NaN.
+callers turn logits into log-probabilities, where a NaN or +inf logit puts a NaN in the row.
 """
 
 from __future__ import annotations

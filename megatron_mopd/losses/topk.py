@@ -1,7 +1,7 @@
 """Generalized JSD against a teacher known only through its top-K (id, log-probability) pairs.
 
 The teacher ids are global student-vocabulary ids ``[..., K]``; entries whose log-probability is -inf
-are absent (a position may carry fewer than K). Two supports (DESIGN.md §2):
+are absent (a position may carry fewer than K). Two supports (docs/design.md §2):
 
 ``tail`` (default) — K + 1 buckets: the K ids and the rest. Student: s_k = log_softmax(z/τ)[id_k]
     from its full-vocabulary softmax, tail s_∞ = log(1 − Σ_k e^{s_k}). Teacher: log_softmax over

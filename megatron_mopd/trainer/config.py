@@ -373,7 +373,8 @@ def config_reference() -> str:
                 walk(section, f"{prefix}{f.name}{'.N' if f.name == 'teachers' else ''}.")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  {prefix}{f.name} = {default!r}  ({kind}) {help_text}")
+            indent = "  " if prefix else ""
+            lines.append(f"{indent}{prefix}{f.name} = {default!r}  ({kind}) {help_text}")
 
     walk(MopdConfig, "")
     return "\n".join(lines).strip() + "\n"

@@ -63,6 +63,13 @@ def _expand(answer: TeacherLogprobs, rows: torch.Tensor) -> TeacherLogprobs:
     """Rows of ``answer`` placed at the batch samples that were sent; the others invalid."""
     if bool((rows == torch.arange(len(rows))).all()) and answer.valid.shape[0] == len(rows):
         return answer
+    if answer.valid.shape[0] == 0:  # no sample of this rank's batch went to this teacher
+        size, (num_rows, k) = len(rows), answer.topk_ids.shape[1:]
+        device = answer.valid.device
+        return TeacherLogprobs(torch.full((size, num_rows, k), -torch.inf, device=device),
+                               torch.zeros((size, num_rows, k), dtype=torch.int64, device=device),
+                               torch.zeros((size, num_rows), device=device),
+                               torch.zeros((size, num_rows), dtype=torch.bool, device=device), ((),) * size)
     take = rows.clamp_min(0).to(answer.valid.device)
     sent = (rows >= 0).to(answer.valid.device)[:, None]
     return TeacherLogprobs(

@@ -1,0 +1,1 @@
+"""Bridges to training frameworks other than the ``mopd train`` trainer: ``megatron_lm`` (``pretrain()``)."""
