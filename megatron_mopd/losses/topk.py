@@ -36,7 +36,7 @@ from megatron_mopd.losses.divergence import (
     validate_beta,
     validate_temperature,
 )
-from megatron_mopd.parallel.chunking import chunk_rows, local_logsumexp, row_slices, softmax_into
+from megatron_mopd.parallel.chunking import chunk_rows, local_logsumexp, softmax_gradient
 from megatron_mopd.parallel.vocab import ProcessGroup, VocabShard
 
 TailMode = Literal["tail", "renorm"]
@@ -109,36 +109,12 @@ class _VocabParallelTopKJSD(torch.autograd.Function):
         local_ids, owned = shard.owned_local_ids(ids, present)
         ids_grad = torch.where(owned, ids_coef * grad_loss, 0.0)
         if ctx.tail:
-            grad = _tail_gradient(z, lse, dense_coef[:, None] * grad_loss, local_ids, ids_grad, shard, ctx)
+            grad = softmax_gradient(z, lse, dense_coef[:, None] * grad_loss, local_ids, ids_grad, shard.num_valid,
+                                    ctx.temperature, ctx.rows_per_chunk, ctx.logits_dtype)
         else:
             grad = torch.zeros((ids.shape[0], shard.local_size), dtype=ctx.logits_dtype, device=ids.device)
             grad.scatter_add_(-1, local_ids, ids_grad.to(grad.dtype))
         return grad.view(ctx.logits_shape), None, None, None, None, None, None, None, None, None
-
-
-def _tail_gradient(
-    z: torch.Tensor,
-    lse: torch.Tensor,
-    dense_coef: torch.Tensor,
-    local_ids: torch.Tensor,
-    ids_grad: torch.Tensor,
-    shard: VocabShard,
-    ctx,
-) -> torch.Tensor:
-    """[N, V_local]: p_v · dense_coef ([N, 1]) over the valid columns, plus ``ids_grad`` at owned ids."""
-    grad = shard.empty_with_zero_padding(z, ctx.logits_dtype)
-    valid = shard.num_valid
-    if valid == 0:
-        return grad
-    local_ids = local_ids.clamp(max=valid - 1)  # ids this rank does not own carry a 0 gradient
-    in_place = grad.dtype == torch.float32
-    for rows in row_slices(grad.shape[0], ctx.rows_per_chunk):
-        out = grad[rows, :valid] if in_place else torch.empty(z[rows, :valid].shape, device=z.device)
-        softmax_into(out, z[rows, :valid], lse[rows], ctx.temperature)
-        out.mul_(dense_coef[rows]).scatter_add_(-1, local_ids[rows], ids_grad[rows])
-        if not in_place:
-            grad[rows, :valid] = out
-    return grad
 
 
 def _renormalized(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
