@@ -1,6 +1,6 @@
 """Specification: chunk alignment of two tokenizations of the same text (docs/design.md §4).
 
-Student and teacher are the two really different tokenizers of ``megatron_mopd.testing.tokenizers``
+Student and teacher are the two really different tokenizers of ``megatron_mopd.demo.tokenizers``
 (byte-level BPE with 3-digit number groups and byte tokens for CJK; SentencePiece-style ``▁`` BPE
 with single digits, byte fallback and a ``<s>`` BOS), each in both roles. A chunk is a maximal span
 between positions that are token boundaries on both sides; the losses consume the shifted
@@ -16,7 +16,7 @@ from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, pr
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from megatron_mopd.crosstok import AlignmentError, SequenceAlignment, align_batch, align_offsets, align_texts
-from megatron_mopd.testing.tokenizers import byte_level_bpe, sentencepiece_bpe
+from megatron_mopd.demo.tokenizers import byte_level_bpe, sentencepiece_bpe
 
 ENGLISH = "The quick brown fox jumps over the lazy dog; distillation transfers knowledge."
 NUMBERS = "In 2024 the sum 12345 + 678 = 13023 and 3.14159 * 2 = 6.28318."

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +60,22 @@ def test_a_top_k_above_what_the_server_allows_is_one_line_naming_the_fix(demo_te
     finished = mopd("demo", "--output", str(tmp_path), "teachers.0.model=null", f"teachers.0.urls=[{demo_teacher_url}]",
                     f"teachers.0.topk={DEMO_TEACHER_MAX_LOGPROBS * 2}")
     assert_one_line_error(finished, "demo", "--max-logprobs")
+
+
+EXAMPLES = Path(__file__).parents[1] / "examples" / "configs"
+
+
+@pytest.mark.parametrize("config, overrides, pattern", [
+    ("cross_tokenizer_gold.yaml", ["teachers.0.tokenizer=${demo:tokenizer}"],
+     "teacher 'sp_teacher': projection .* (fingerprint|mopd build-projection)"),
+    ("colocated_jsd.yaml", ["teachers.0.model=${demo:sp_teacher}"],
+     "teacher 'colocated': .* has another tokenizer than the student; a colocated teacher must share"),
+    ("demo_cpu.yaml", ["teachers.0.model=${demo:sp_teacher}"],
+     "teacher 'reference': .* has another tokenizer than the student; set teachers.N.tokenizer and a projection"),
+])
+def test_a_teacher_whose_vocabulary_does_not_fit_is_refused_before_training(config, overrides, pattern, tmp_path) -> None:
+    finished = mopd("train", "--config", str(EXAMPLES / config), f"output_dir={tmp_path}", *overrides)
+    assert_one_line_error(finished, "train", pattern)
 
 
 @pytest.mark.parametrize("args, pattern", [

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from megatron_mopd.crosstok import CanonicalVocabulary, align_offsets, decode_with_offsets
-from megatron_mopd.testing.tokenizers import byte_level_bpe, sentencepiece_bpe
+from megatron_mopd.demo.tokenizers import byte_level_bpe, sentencepiece_bpe
 
 TEXT = "The sum 12345 + 678 = 13023.\n\tdef f(x):    return 你好吗"
 

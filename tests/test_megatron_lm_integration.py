@@ -11,7 +11,7 @@
   The data iterator yields Megatron-LM's dicts (tokens, labels, loss_mask, attention_mask,
   position_ids). Per micro-batch: the teacher scores each row up to its last trained position, and
   the logs the schedule reports equal ``micro_batch_objective`` on the same logits and teacher scores,
-  with labels −100 outside the loss mask; the loss falls after an update on the same batch; TP=2
+  with labels −100 outside the loss mask; an update on the same batch lowers the MOPD teacher's KL; TP=2
   reports the TP=1 numbers (relative 1e-5). A last stage without tokens is an error that says how to
   fix ``get_batch``.
 - The example compiles (``megatron.training`` is not installed here) and names only real flags.
@@ -323,10 +323,14 @@ def test_the_schedule_reports_the_objective_of_each_micro_batch(tp1) -> None:
             assert value == pytest.approx(expected[name], rel=1e-6), (i, name)
 
 
-def test_the_loss_falls_after_an_update_on_the_same_batch(tp1) -> None:
+def test_an_update_moves_the_student_toward_the_teacher(tp1) -> None:
+    """The gradients reach the student through the schedule: after one update on the same batch, the
+    sampled KL(S||T) that the MOPD teacher logs falls. (The MOPD part of the loss is a surrogate whose
+    value itself says nothing.)"""
     first, second = tp1["reported"][:NUM_MICROBATCHES], tp1["reported"][NUM_MICROBATCHES:]
-    total = [sum(log["loss"][0] for log in logs) / sum(log["loss"][1] for log in logs) for logs in (first, second)]
-    assert total[1] < total[0], total
+    kl = [sum(log["divergence/advantage"][0] for log in logs) / sum(log["divergence/advantage"][1] for log in logs)
+          for logs in (first, second)]
+    assert kl[1] < kl[0] - 0.1, kl
 
 
 def test_a_last_stage_without_tokens_says_how_to_fix_get_batch(tp1) -> None:
@@ -353,10 +357,11 @@ def test_the_example_compiles() -> None:
 
 def test_the_example_hands_the_mopd_pieces_to_pretrain() -> None:
     tree = ast.parse(EXAMPLE.read_text())
-    (call,) = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "pretrain"]
-    keywords = {k.arg: k.value for k in call.keywords}
-    assert isinstance(keywords["extra_args_provider"], ast.Name) and keywords["extra_args_provider"].id == "add_mopd_args"
-    assert isinstance(call.args[3], ast.Name) and call.args[3].id == "forward_step"
+    (call,) = [node for node in ast.walk(tree)
+               if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "pretrain"]
+    keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}
+    assert keywords["extra_args_provider"] == "add_mopd_args"
+    assert ast.unparse(call.args[3]) == "forward_step"
     assert re.search(r"^forward_step = MopdForwardStep\(get_batch\)$", EXAMPLE.read_text(), re.MULTILINE)
 
 

@@ -614,7 +614,7 @@ def test_topk_above_the_servers_limit_fails_at_start_with_the_fix(protocol):
 
 
 def test_text_mode_returns_teacher_ids_and_offsets():
-    from megatron_mopd.testing.tokenizers import byte_level_bpe, sentencepiece_bpe
+    from megatron_mopd.demo.tokenizers import byte_level_bpe, sentencepiece_bpe
 
     teacher_tokenizer, student_tokenizer = sentencepiece_bpe(), byte_level_bpe()
     texts = ["He said 你好吗 and 12345 + 678 = 13023.", "def f(x):\n    return x  # twice", "Hi"]
@@ -670,8 +670,8 @@ def test_submit_early_overlaps_teacher_latency_with_student_compute():
 def reference_server(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    from megatron_mopd.testing.models import tiny_causal_lm_dir
-    from megatron_mopd.testing.server_process import teacher_server_process
+    from megatron_mopd.demo.models import tiny_causal_lm_dir
+    from megatron_mopd.teachers.server_process import teacher_server_process
 
     model_dir = tiny_causal_lm_dir()
     log_path = tmp_path_factory.mktemp("reference_server") / "server.log"

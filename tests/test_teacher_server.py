@@ -19,8 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megatron_mopd.teachers.server import TeacherServer
-from megatron_mopd.testing.models import tiny_causal_lm_dir
-from megatron_mopd.testing.server_process import teacher_server_process
+from megatron_mopd.demo.models import tiny_causal_lm_dir
+from megatron_mopd.teachers.server_process import teacher_server_process
 
 MAX_LOGPROBS = 8
 NAME = "tiny-teacher"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_mopd.testing.tokenizers import byte_level_bpe, sentencepiece_bpe
+from megatron_mopd.demo.tokenizers import byte_level_bpe, sentencepiece_bpe
 from megatron_mopd.trainer.data import (
     DataStats,
     GlobalBatchSampler,

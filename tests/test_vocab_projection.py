@@ -35,7 +35,7 @@ from megatron_mopd.crosstok import (
     VocabProjection,
     vocabulary_fingerprint,
 )
-from megatron_mopd.testing.tokenizers import byte_level_bpe, sentencepiece_bpe, tokenizer_dir
+from megatron_mopd.demo.tokenizers import byte_level_bpe, sentencepiece_bpe, tokenizer_dir
 
 BETA, GAMMA = 0.9, 0.1
 PAIRS = ["bl_to_sp", "sp_to_bl", "bl_to_small"]

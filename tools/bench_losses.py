@@ -15,7 +15,7 @@ forward+backward and measure peak memory of:
   pkl_renorm        projected_kl(tail="renorm")
   gold              gold_loss: JSD on common tokens + ULD on the rest
 
-The cross-tokenizer variants use two tokenizers trained here (``megatron_mopd.testing.tokenizers``,
+The cross-tokenizer variants use two tokenizers trained here (``megatron_mopd.demo.tokenizers``,
 a byte-level BPE student and a SentencePiece-style teacher of ``--cross-vocab`` tokens), the projection
 built between them (its build time is reported), 3 aligned chunks per 4 student positions and 5
 teacher rows per 4 student positions, each with the teacher's top-K over its own vocabulary.
@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from megatron_mopd.crosstok import VocabProjection
 from megatron_mopd.losses import generalized_jsd, gold_loss, projected_kl, topk_generalized_jsd
-from megatron_mopd.testing.tokenizers import byte_level_bpe, sentencepiece_bpe
+from megatron_mopd.demo.tokenizers import byte_level_bpe, sentencepiece_bpe
 
 Variant = Callable[[torch.Tensor], torch.Tensor]  # logits (leaf) -> scalar loss
 

@@ -8,7 +8,7 @@
                 (HTTP transfer + parse + fill of the [B, T-1, K] arrays).
 (b) end_to_end  scored tokens/s of ``RemoteTeacher`` against the reference server subprocess
                 (``python -m megatron_mopd.teachers.server``, the tiny HF model of
-                ``megatron_mopd.testing.models``) with 1 and 4 requests in flight per server.
+                ``megatron_mopd.demo.models``) with 1 and 4 requests in flight per server.
 (c) overlap     a teacher faster than the student: the reference server with ``--delay-ms`` =
                 ``--latency-ms`` (``teacher_ms``: one micro-batch scored alone) and a student step of
                 ~``--student-ms`` real CPU work per micro-batch; the fraction of the step spent waiting
@@ -36,10 +36,10 @@ import orjson
 import torch
 from tqdm import tqdm
 
+from megatron_mopd.demo.models import tiny_causal_lm_dir
 from megatron_mopd.teachers import RemoteTeacher
 from megatron_mopd.teachers.protocols import get_protocol
-from megatron_mopd.testing.models import tiny_causal_lm_dir
-from megatron_mopd.testing.server_process import teacher_server_process
+from megatron_mopd.teachers.server_process import teacher_server_process
 from megatron_mopd.testing.canned_server import (
     BigramModel,
     CannedServer,

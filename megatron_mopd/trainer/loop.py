@@ -85,6 +85,7 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
                                  shuffle=config.data.shuffle)
     cross_sides = {t.name: CrossTokenizerSide(t, tokenizer, max_teacher_tokens=4 * config.data.seq_length)
                    for t in config.teachers if t.tokenizer is not None}
+    _check_teacher_vocabularies(config, tokenizer)
     trainee = _build_trainee(config, arch, tokenizer, layout, report_say)
 
     start_step = 0
@@ -174,8 +175,8 @@ def _check_layout(config: MopdConfig, arch, layout: Layout) -> None:
         (arch.num_query_groups % tp == 0,
          f"parallel.tp={tp} must divide the model's {arch.num_query_groups} key/value heads"),
         (arch.num_layers % pp == 0, f"parallel.pp={pp} must divide the model's {arch.num_layers} layers"),
-        (config.data.seq_length % (2 * cp) == 0 or cp == 1,
-         f"data.seq_length={config.data.seq_length} must be divisible by 2 * parallel.cp = {2 * cp}"),
+        (cp == 1, "parallel.cp > 1 is not wired in the trainer yet (it needs Transformer Engine's context-parallel "
+                  "attention and the student's batch split per CP rank); use parallel.cp=1"),
         (config.data.seq_length <= arch.max_position_embeddings,
          f"data.seq_length={config.data.seq_length} exceeds the model's {arch.max_position_embeddings} positions"),
         (train.global_batch_size % (train.micro_batch_size * layout.dp_size) == 0,
@@ -198,6 +199,30 @@ def _check_layout(config: MopdConfig, arch, layout: Layout) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _check_teacher_vocabularies(config: MopdConfig, tokenizer) -> None:
+    """A teacher without a tokenizer of its own must index the student's vocabulary: when its model
+    directory has a tokenizer, the two must be the same vocabulary (same fingerprint)."""
+    from transformers import AutoTokenizer
+
+    from megatron_mopd.crosstok import vocabulary_fingerprint
+
+    student = None
+    for teacher in config.teachers:
+        if teacher.tokenizer is not None or teacher.model is None:
+            continue
+        try:
+            own = AutoTokenizer.from_pretrained(teacher.model)
+        except (OSError, ValueError):
+            continue  # no tokenizer in the directory: nothing to compare
+        student = student or vocabulary_fingerprint(tokenizer)
+        if vocabulary_fingerprint(own) != student:
+            raise ConfigError(
+                f"teacher {teacher.name!r}: {teacher.model} has another tokenizer than the student; "
+                + ("a colocated teacher must share the student's vocabulary" if teacher.placement == "colocated"
+                   else "set teachers.N.tokenizer and a projection (mopd build-projection) and loss ctkd or gold")
+            )
 
 
 class _Dataset:

@@ -106,11 +106,12 @@ class MopdForwardStep:
         if cp > 1:
             raise ConfigError(f"--context-parallel-size {cp}: context parallelism is not supported by the MOPD loss "
                               f"yet; use tensor, pipeline or data parallelism")
-        fetching = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_and_context_parallel_rank() == 0
+        last_stage = parallel_state.is_pipeline_last_stage()
+        fetching = last_stage and parallel_state.get_tensor_and_context_parallel_rank() == 0
         reporting = fetching and parallel_state.get_data_parallel_rank() == 0
         stack = contextlib.ExitStack()
         self._clients = stack.enter_context(open_teachers(
-            config.teachers, fetching=fetching, log_dir=self._logs(),
+            config.teachers, fetching=fetching, log_dir=self._logs(), colocated=_no_colocated_teacher,
             say=(lambda line: print(f"[mopd] {line}", flush=True)) if reporting else (lambda _line: None)))
         self._stack = stack
         atexit.register(self.close)
@@ -222,6 +223,10 @@ class MopdForwardStep:
         if self._log_dir is not None:
             return Path(self._log_dir)
         return Path(getattr(self._megatron_args(), "save", None) or ".") / "mopd-logs"
+
+
+def _no_colocated_teacher(config: Any) -> None:
+    raise ConfigError(f"teacher {config.name!r}: placement colocated is not available under Megatron-LM yet")
 
 
 def teacher_sequences(tokens: torch.Tensor, labels: torch.Tensor, trained: torch.Tensor) -> list[list[int]]:
