@@ -25,12 +25,8 @@ do, so ranks here run in a (non-daemonic) process pool.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
 import random
 import shutil
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -41,7 +37,7 @@ import torch
 
 from megatron_mopd.parallel import destroy_parallel, initialize_parallel
 from megatron_mopd.testing.gpt import TinyGPT
-from megatron_mopd.testing.multiprocess import free_loopback_port
+from megatron_mopd.testing import run_on_ranks
 from megatron_mopd.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.skipif(
@@ -60,41 +56,9 @@ Record = dict[str, Any]  # what a rank function returns
 SavedRun = tuple[str, list[Record]]  # the output directory and the per-rank records
 
 
-# ---------------------------------------------------------------------------------------------------
-# Ranks in non-daemonic processes
-# ---------------------------------------------------------------------------------------------------
-
-
-def _rank_entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: Sequence[Any]) -> Any:
-    import torch.distributed as dist
-
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
-    try:
-        return fn(*args)
-    finally:
-        dist.destroy_process_group()
-
-
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
-    """``fn(*args)`` on ``world_size`` fresh gloo ranks that may start processes; results by rank."""
-    port = free_loopback_port()
-    with ProcessPoolExecutor(world_size, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_rank_entry, rank, world_size, port, fn, args) for rank in range(world_size)]
-        done, pending = wait(futures, timeout=RUN_TIMEOUT_S, return_when=FIRST_EXCEPTION)
-        for future in futures:
-            if future in done and future.exception() is not None:
-                raise future.exception()  # the others fail at their collective timeout
-        assert not pending, f"{fn.__name__}: ranks did not finish within {RUN_TIMEOUT_S} s"
-        return [future.result() for future in futures]
+    """``fn(*args)`` on ``world_size`` fresh gloo ranks that may start processes (the save does)."""
+    return run_on_ranks(fn, world_size, args, timeout_s=RUN_TIMEOUT_S, daemon=False)
 
 
 # ---------------------------------------------------------------------------------------------------

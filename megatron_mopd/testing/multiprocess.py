@@ -69,8 +69,13 @@ def run_on_ranks(
     *,
     timeout_s: float = 600.0,
     collective_timeout_s: float = 120.0,
+    daemon: bool = True,
 ) -> list[Any]:
-    """Run ``fn(*args)`` on ``world_size`` gloo ranks; return the per-rank results in rank order."""
+    """Run ``fn(*args)`` on ``world_size`` gloo ranks; return the per-rank results in rank order.
+
+    ``daemon=False`` lets the ranks start processes of their own (Megatron's checkpoint save does);
+    either way no rank outlives the call.
+    """
     ctx = mp.get_context("spawn")
     results: "mp.Queue[tuple[int, str, Any]]" = ctx.Queue()
     port = free_loopback_port()
@@ -78,7 +83,7 @@ def run_on_ranks(
         ctx.Process(
             target=_rank_main,
             args=(rank, world_size, port, collective_timeout_s, fn, args, results),
-            daemon=True,
+            daemon=daemon,
         )
         for rank in range(world_size)
     ]
