@@ -88,7 +88,7 @@ CPU_DP1 = Layout(dp_rank=0, dp_size=1, reporting=True, fetching=True, device_typ
     (["train.global_batch_size=6", "train.micro_batch_size=2"], dataclasses.replace(CPU_DP1, dp_size=2),
      r"train.global_batch_size=6 must be a multiple of train.micro_batch_size \(2\) x data-parallel size \(2\)"),
     (["data.seq_length=256"], CPU_DP1, "exceeds the model's 128 positions"),
-    (["parallel.cp=2"], CPU_DP1, "parallel.cp > 1 is not wired in the trainer yet"),
+    (["parallel.cp=2"], CPU_DP1, "parallel.cp > 1 needs Transformer Engine's context-parallel attention"),
     (["train.precision=bf16"], CPU_DP1, "bf16 needs CUDA or NPU"),
     (["rollout.lmbda=0.5"], CPU_DP1, "rollout.lmbda > 0 .* need a rollout engine"),
 ])

@@ -23,7 +23,7 @@ from megatron_mopd.trainer.forward_step import (
 )
 from megatron_mopd.trainer.objective import Targets, TeacherTerm, micro_batch_objective
 
-B, S, V, K = 3, 6, 40, 5
+B, S, V, K = 3, 8, 40, 5  # S divisible by 2 * cp for the context-parallel case
 
 
 def make_logits(seed: int = 0) -> torch.Tensor:
@@ -168,3 +168,25 @@ def test_a_non_finite_loss_stops_the_step_naming_step_rank_and_teacher() -> None
     logits[0, 3] = torch.nan  # the student's logits at a trained position
     with pytest.raises(NonFiniteLossError, match=r"step 7, rank 3: .*teacher\(s\) \['good', 'bad'\]"):
         loss_func(batch, logits)
+
+
+def test_context_parallel_parts_add_up_to_the_whole_sequence() -> None:
+    """Each CP rank holds Megatron's load-balanced part of the positions (and of the teacher's rows):
+    the parts' loss sums and token counts add up to the whole sequence's."""
+    from megatron_mopd.teachers.placement import cp_slice
+
+    logits, scores, labels = make_logits().detach(), make_scores(2), make_labels()
+    cfg, every = teacher("a"), torch.ones(B, dtype=torch.bool)
+    whole = micro_batch_objective(logits, Targets(labels, every), [TeacherTerm(cfg, scores, every)],
+                                  sft_alpha=0.5, vocab_size=V)
+    parts = []
+    for rank in range(2):
+        def part(t: torch.Tensor, rank: int = rank) -> torch.Tensor:
+            return cp_slice(t, 1, cp_size=2, cp_rank=rank)
+
+        rows = TeacherLogprobs(part(scores.topk_logprobs), part(scores.topk_ids), part(scores.token_logprobs),
+                               part(scores.valid), scores.sequences)
+        parts.append(micro_batch_objective(part(logits), Targets(part(labels), every),
+                                           [TeacherTerm(cfg, rows, every)], sft_alpha=0.5, vocab_size=V))
+    torch.testing.assert_close(sum(p.loss_sum for p in parts), whole.loss_sum)
+    assert sum(p.num_tokens for p in parts) == whole.num_tokens

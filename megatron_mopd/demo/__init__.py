@@ -1,6 +1,6 @@
 """``mopd demo``: the trainer on the embedded default configuration (``demo_cpu.yaml``), on the CPU.
 
-    mopd demo                                        # one process, TP=1, a few minutes on 2 cores
+    mopd demo                                        # one process, TP=1, about 40 s on 2 cores
     torchrun --nproc-per-node 2 -m megatron_mopd.demo parallel.tp=2
 
 Every part is the real one: a byte-level BPE tokenizer trained on the spot; a small Llama-architecture

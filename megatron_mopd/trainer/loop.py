@@ -67,9 +67,9 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
     from transformers import AutoTokenizer
 
     from megatron_mopd.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from megatron_mopd.trainer.cross_tokenizer import CrossTokenizerSide
     from megatron_mopd.trainer.data import GlobalBatchSampler, rank_slice
     from megatron_mopd.trainer.metrics import MetricsLogger, plot_curves, write_report
-    from megatron_mopd.trainer.cross_tokenizer import CrossTokenizerSide
     from megatron_mopd.trainer.step import StepTeacher, run_step
     from megatron_mopd.trainer.teachers import open_teachers
 
@@ -119,11 +119,10 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
                     tensorboard=config.logging.tensorboard, wandb_project=config.logging.wandb_project,
                     config=as_dict(config))
             for step in range(start_step, config.train.steps):
-                indices = rank_slice(sampler.batch(step), layout.dp_rank, layout.dp_size)
+                indices = rank_slice(next(sampler), layout.dp_rank, layout.dp_size)  # the cursor moves on
                 examples = [dataset.example(i) for i in indices]
                 result = run_step(step, trainee, examples, teachers, routes_of(indices),
                                   sft_alpha=config.loss.sft_alpha)
-                sampler.consumed_samples = (step + 1) * config.train.global_batch_size
                 if logger is not None:
                     logger.log(result)
                 if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0 \
@@ -167,6 +166,8 @@ def _architecture(config: MopdConfig, tokenizer) -> Any:
 
 def _check_layout(config: MopdConfig, arch, layout: Layout) -> None:
     """Errors up front for sizes that do not fit the job or the model."""
+    from megatron_mopd.models import transformer_engine_usable
+
     tp, pp, cp = config.parallel.tp, config.parallel.pp, config.parallel.cp
     train = config.train
     checks = [
@@ -175,8 +176,11 @@ def _check_layout(config: MopdConfig, arch, layout: Layout) -> None:
         (arch.num_query_groups % tp == 0,
          f"parallel.tp={tp} must divide the model's {arch.num_query_groups} key/value heads"),
         (arch.num_layers % pp == 0, f"parallel.pp={pp} must divide the model's {arch.num_layers} layers"),
-        (cp == 1, "parallel.cp > 1 is not wired in the trainer yet (it needs Transformer Engine's context-parallel "
-                  "attention and the student's batch split per CP rank); use parallel.cp=1"),
+        (cp == 1 or transformer_engine_usable(),
+         "parallel.cp > 1 needs Transformer Engine's context-parallel attention (CUDA; pip install "
+         "'megatron_mopd[cuda]'): Megatron's local attention refuses it; use parallel.cp=1"),
+        (config.data.seq_length % (2 * cp) == 0,
+         f"data.seq_length={config.data.seq_length} must be divisible by 2 * parallel.cp = {2 * cp}"),
         (config.data.seq_length <= arch.max_position_embeddings,
          f"data.seq_length={config.data.seq_length} exceeds the model's {arch.max_position_embeddings} positions"),
         (train.global_batch_size % (train.micro_batch_size * layout.dp_size) == 0,

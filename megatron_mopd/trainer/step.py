@@ -176,22 +176,28 @@ def _run_colocated(teacher: StepTeacher, examples: Sequence[Example], seq_length
 
 
 def _micro_batches(samples, dataset_completion, context: StepContext, trainee: Trainee) -> list[MicroBatch]:
+    """The rank's batch in micro-batches; with context parallelism, this CP rank's part of each
+    sequence, split as Megatron splits it (``get_batch_on_this_cp_rank``; remote teacher rows are split
+    the same way by ``placement``)."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
     size = trainee.micro_batch_size
     batches = []
     for first in range(0, len(samples), size):
-        tensors = collate(samples[first:first + size], trainee.seq_length, trainee.pad_id)
+        tensors = get_batch_on_this_cp_rank(collate(samples[first:first + size], trainee.seq_length, trainee.pad_id))
         batches.append(MicroBatch(tensors["tokens"], tensors["position_ids"], tensors["labels"],
                                   dataset_completion[first:first + size], first, context))
     return batches
 
 
 def _reduce(reduced: list[dict[str, torch.Tensor]]) -> Optional[dict[str, tuple[float, float]]]:
-    """Sum the micro-batches' ``[sum, count]`` logs, then over the data-parallel group (last stage)."""
+    """Sum the micro-batches' ``[sum, count]`` logs, then over the data- and context-parallel ranks
+    (last stage), as Megatron reduces the token count."""
     from megatron.core import parallel_state
 
     if not parallel_state.is_pipeline_last_stage():
         return None
     names = sorted(reduced[0])
     totals = torch.stack([torch.stack([r[name] for r in reduced]).sum(0) for name in names]).float()
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return {name: (float(total), float(count)) for name, (total, count) in zip(names, totals.tolist())}
