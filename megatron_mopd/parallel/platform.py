@@ -8,7 +8,7 @@ imports ``megatron``, because MindSpeed patches Megatron-Core at import time. En
 run on NPU should therefore start with::
 
     import torch
-    import mindspeed.megatron_adaptor  # noqa: F401  (NPU only)
+    import mindspeed.megatron_adaptor  # NPU only
 
 ``initialize_parallel(device="npu")`` imports it too when it is installed, and refuses when Megatron
 was imported before it. When the configuration does not come from Megatron-LM's command line,
@@ -61,7 +61,7 @@ class Platform:
 def _npu_available() -> bool:
     if importlib.util.find_spec("torch_npu") is None:
         return False
-    import torch_npu  # noqa: F401  (registers torch.npu)
+    import torch_npu  # registers torch.npu
 
     return torch.npu.is_available()
 
@@ -99,7 +99,7 @@ def _import_mindspeed_adaptor() -> None:
             "Megatron-Core was imported before mindspeed.megatron_adaptor; on NPU put "
             "`import mindspeed.megatron_adaptor` right after `import torch` in the entry point"
         )
-    import mindspeed.megatron_adaptor  # noqa: F401
+    import mindspeed.megatron_adaptor  # patches Megatron-Core at import
 
 
 def initialize_parallel(
@@ -153,7 +153,7 @@ def initialize_parallel(
     platform = select_platform(device)
     if platform.device_type == "npu":
         _import_mindspeed_adaptor()
-        import torch_npu  # noqa: F401  (registers torch.npu)
+        import torch_npu  # registers torch.npu
 
         torch.npu.set_device(platform.device)
     elif platform.device_type == "cuda":

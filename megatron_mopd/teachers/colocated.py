@@ -158,7 +158,7 @@ class ColocatedTeacher:
         future: "Future[Optional[TeacherLogprobs]]" = Future()
         try:
             future.set_result(self.score(sequences))
-        except Exception as error:  # noqa: BLE001 - delivered through the future, like a remote source
+        except Exception as error:  # delivered through the future, like a remote source
             future.set_exception(error)
         return future
 

@@ -84,7 +84,7 @@ class PendingTeacherScores:
         if self._future is not None:
             try:
                 scores = self._future.result()
-            except Exception as caught:  # noqa: BLE001 - re-raised below, after telling the group
+            except Exception as caught:  # re-raised below, after telling the group
                 error = caught
             header[0] = _header(scores, error)
         dist.broadcast_object_list(header, group=group, group_src=0, device=device)
@@ -129,7 +129,7 @@ def submit_teacher_scores(
     if needed and parallel_state.get_tensor_and_context_parallel_rank() == 0:
         try:
             future = source.submit(sequences)
-        except Exception as error:  # noqa: BLE001 - delivered by wait(), after telling the group
+        except Exception as error:  # delivered by wait(), after telling the group
             future = Future()
             future.set_exception(error)
     return PendingTeacherScores(future, needed, seq_length)

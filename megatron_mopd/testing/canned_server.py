@@ -255,10 +255,10 @@ class _Handler(BaseHTTPRequestHandler):
     server_state: CannedServer
     timeout = 120  # idle keep-alive connections end eventually
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
+    def log_message(self, format: str, *args: Any) -> None:  # the base class's signature
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - the base class's naming
+    def do_GET(self) -> None:  # the base class's naming
         state = self.server_state
         state._count(self.path)
         if self.path == "/health":
@@ -270,7 +270,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, _error(f"no route {self.path}", 404))
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:  # the base class's naming
         state = self.server_state
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         scripted = state._count(self.path)

@@ -55,7 +55,7 @@ def _rank_main(
         # Plain pickle copies tensors by value: torch's queue pickler would hand over shared-memory
         # handles that die with this process.
         results.put((rank, "ok", pickle.dumps(fn(*args))))
-    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+    except BaseException:  # every failure must reach the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
