@@ -90,7 +90,9 @@ CPU_DP1 = Layout(dp_rank=0, dp_size=1, reporting=True, fetching=True, device_typ
     (["data.seq_length=256"], CPU_DP1, "exceeds the model's 128 positions"),
     (["parallel.cp=2"], CPU_DP1, "parallel.cp > 1 needs Transformer Engine's context-parallel attention"),
     (["train.precision=bf16"], CPU_DP1, "bf16 needs CUDA or NPU"),
-    (["rollout.lmbda=0.5"], CPU_DP1, "rollout.lmbda > 0 .* need a rollout engine"),
+    (["rollout.seq_kd=true"], CPU_DP1, r"rollout.seq_kd \(a teacher generates the completions\) is not available"),
+    (["rollout.lmbda=0.5", "teachers.0.tokenizer=/t", "teachers.0.loss=gold", "teachers.0.projection=/p"], CPU_DP1,
+     "rollout.lmbda > 0 with a teacher of another tokenizer is not available yet"),
 ])
 def test_sizes_that_do_not_fit_the_job_or_the_model_are_refused(overrides, layout, message) -> None:
     config = load_config(None, MINIMAL + ["data.seq_length=64"] + overrides)

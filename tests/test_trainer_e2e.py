@@ -8,6 +8,8 @@ under torchrun), on the demo's configuration with a shared reference teacher ser
 - a run killed after its step-2 checkpoint and resumed with ``checkpoint.resume=auto`` reproduces the
   uninterrupted run's losses (relative 1e-6), and ``metrics.jsonl`` describes one history;
 - a checkpoint saved at TP=2 continues at PP=2 with the uninterrupted run's losses;
+- an on-policy run (``rollout.lmbda=1``) trains on the student's own samples, and samples and trains
+  alike at TP=2;
 - the outputs: config.yaml (resolved), metrics.jsonl, report.json, curves.png, checkpoints, and an
   exported Hugging Face student that ``transformers`` loads.
 """
@@ -122,6 +124,29 @@ def test_a_colocated_full_vocabulary_teacher_gives_the_single_process_losses(col
     nproc, overrides = LAYOUTS[layout]
     records = run(tmp_path, "unused", *COLOCATED, *overrides, nproc=nproc, config=COLOCATED_CONFIG)
     assert losses(records) == pytest.approx(losses(colocated_baseline), rel=1e-4)
+
+
+ON_POLICY = ("rollout.lmbda=1.0", "rollout.max_new_tokens=24", "rollout.temperature=1.0")
+
+
+@pytest.fixture(scope="module")
+def on_policy_baseline(demo_teacher_url, tmp_path_factory) -> tuple[Path, list[dict]]:
+    output = tmp_path_factory.mktemp("on_policy_tp1")
+    return output, run(output, demo_teacher_url, *ON_POLICY)
+
+
+def test_an_on_policy_run_trains_on_the_students_samples(on_policy_baseline, baseline) -> None:
+    output, records = on_policy_baseline
+    assert all(r["on_policy"] for r in records)
+    assert [r["tokens"] for r in records] != [r["tokens"] for r in baseline[1]]  # sampled, not the dataset's
+    report = json.loads((output / "report.json").read_text())
+    assert report["rollouts"] == {"on_policy_steps": STEPS, "off_policy_steps": 0}
+
+
+def test_an_on_policy_run_samples_and_trains_alike_at_tp2(on_policy_baseline, demo_teacher_url, tmp_path) -> None:
+    records = run(tmp_path, demo_teacher_url, *ON_POLICY, "parallel.tp=2", nproc=2)
+    assert [r["tokens"] for r in records] == [r["tokens"] for r in on_policy_baseline[1]]
+    assert losses(records) == pytest.approx(losses(on_policy_baseline[1]), rel=1e-4)
 
 
 def test_a_killed_run_resumes_exactly(baseline, demo_teacher_url, tmp_path) -> None:

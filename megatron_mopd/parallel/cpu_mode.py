@@ -19,7 +19,11 @@ exactly those, for the rest of the process:
   tensor-parallel rank its own reproducible stream (seed + 2718 + tp_rank) inside
   ``get_cuda_rng_tracker().fork()``, while the default stream (seed) is shared by the TP group.
   Because the tracker's stream *is* the CPU stream here, the tracker's warning "CPU RNG state
-  changed within GPU RNG context" would fire on every random op inside fork(); it is filtered out.
+  changed within GPU RNG context" would fire on every random op inside fork(); it is filtered out;
+- Megatron's inference helpers (``megatron.core.inference.communication_utils``:
+  ``broadcast_from_last_pipeline_stage``, ``broadcast_tensor``) assert that the tensor they send is a
+  CUDA tensor; the check accepts a CPU tensor instead (it still refuses None). The rollout engine
+  broadcasts the sampled ids from the last pipeline stage with it at PP>1.
 
 Still CUDA-only in Megatron-Core 0.16 (not redirected; configure around them on CPU):
 
@@ -101,6 +105,11 @@ def _set_cpu_rng_state(new_state: torch.Tensor, *_args: Any, **_kwargs: Any) -> 
     torch.set_rng_state(new_state)
 
 
+def _check_tensor_present(tensor: Optional[torch.Tensor]) -> None:
+    """communication_utils._is_cuda without the device check (a CPU tensor is what CPU mode sends)."""
+    assert tensor is not None
+
+
 def _seed_cpu_rng(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
 
@@ -152,6 +161,7 @@ def enable_cpu_mode() -> None:
             f"enable_cpu_mode(): a {accelerator} device is available; CPU mode only runs on CPU-only "
             "hosts and must never be enabled for CUDA/NPU training"
         )
+    from megatron.core.inference import communication_utils as mcore_inference_communication
     from megatron.core.tensor_parallel import random as mcore_random
 
     # p2p_communication, layers, mappings, attention, rotary embedding: device=current_device().
@@ -168,6 +178,8 @@ def enable_cpu_mode() -> None:
     mcore_random._set_cuda_rng_state = _set_cpu_rng_state
     # CudaRNGStatesTracker.fork warns whenever the CPU stream moves, i.e. on every fork here.
     logging.getLogger(mcore_random.__name__).addFilter(_DropForkRngWarning())
+    # broadcast_from_last_pipeline_stage / broadcast_tensor assert tensor.is_cuda (rollout engine, PP>1).
+    mcore_inference_communication._is_cuda = _check_tensor_present
 
     _keep_freed_memory_for_reuse()
 

@@ -211,10 +211,11 @@ class TeacherConfig:
 
 @dataclass
 class RolloutConfig:
-    """Where completions come from (on-policy sampling lands with the rollout engines)."""
+    """Where completions come from: the dataset, or the student's own samples (on-policy)."""
 
-    lmbda: float = _help("probability that a step samples from the student (on-policy); 0: dataset completions", 0.0)
-    seq_kd: bool = _help("a teacher generates the completions (sequence-level KD)", False)
+    lmbda: float = _help("probability that a step samples its completions from the student (on-policy, the "
+                         "Megatron-native engine); 0: dataset completions", 0.0)
+    seq_kd: bool = _help("a teacher generates the completions (sequence-level KD; not available yet)", False)
     temperature: float = _help("sampling temperature", 1.0)
     top_p: float = _help("nucleus sampling", 1.0)
     top_k: int = _help("top-k sampling (0: off)", 0)
@@ -270,7 +271,7 @@ class MopdConfig:
     train: TrainConfig = _help("optimization", factory=TrainConfig)
     loss: LossConfig = _help("combining the teachers", factory=LossConfig)
     teachers: List[TeacherConfig] = _help("the teachers (none: plain fine-tuning with loss.sft_alpha)", factory=list)
-    rollout: RolloutConfig = _help("completions", factory=RolloutConfig)
+    rollout: RolloutConfig = _help("completions: dataset or on-policy", factory=RolloutConfig)
     checkpoint: CheckpointConfig = _help("checkpoints", factory=CheckpointConfig)
     logging: LoggingConfig = _help("logging", factory=LoggingConfig)
 

@@ -70,7 +70,8 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
     from megatron_mopd.trainer.cross_tokenizer import CrossTokenizerSide
     from megatron_mopd.trainer.data import GlobalBatchSampler, rank_slice
     from megatron_mopd.trainer.metrics import MetricsLogger, plot_curves, write_report
-    from megatron_mopd.trainer.step import StepTeacher, run_step
+    from megatron_mopd.trainer.rollout import is_on_policy, sampling_params
+    from megatron_mopd.trainer.step import OnPolicy, StepTeacher, run_step
     from megatron_mopd.trainer.teachers import open_teachers
 
     layout = _layout(device_type)
@@ -87,6 +88,7 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
                    for t in config.teachers if t.tokenizer is not None}
     _check_teacher_vocabularies(config, tokenizer)
     trainee = _build_trainee(config, arch, tokenizer, layout, report_say)
+    engine = _rollout_engine(config, arch, trainee) if config.rollout.lmbda > 0 else None
 
     start_step = 0
     resume = _resume_path(config, output_dir, latest_checkpoint)
@@ -121,8 +123,12 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
             for step in range(start_step, config.train.steps):
                 indices = rank_slice(next(sampler), layout.dp_rank, layout.dp_size)  # the cursor moves on
                 examples = [dataset.example(i) for i in indices]
+                on_policy = None
+                if is_on_policy(config.seed, step, config.rollout.lmbda):
+                    on_policy = OnPolicy(engine, tokenizer,
+                                         sampling_params(config.rollout, tokenizer, seed=config.seed, step=step))
                 result = run_step(step, trainee, examples, teachers, routes_of(indices),
-                                  sft_alpha=config.loss.sft_alpha)
+                                  sft_alpha=config.loss.sft_alpha, on_policy=on_policy)
                 if logger is not None:
                     logger.log(result)
                 if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0 \
@@ -141,7 +147,8 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
         "output_dir": str(output_dir), "seconds": time.perf_counter() - began, "resumed_from_step": start_step,
         "layout": {"tp": config.parallel.tp, "pp": config.parallel.pp, "cp": config.parallel.cp,
                    "dp": layout.dp_size},
-        "rollouts": {"on_policy_steps": 0, "off_policy_steps": config.train.steps - start_step},
+        "rollouts": {"on_policy_steps": sum(bool(r.get("on_policy")) for r in logger.records),
+                     "off_policy_steps": sum(not r.get("on_policy") for r in logger.records)},
     })
     plot = plot_curves(output_dir, logger.records) if config.logging.plot else None
     say(_verdict(report, output_dir, plot))
@@ -190,9 +197,10 @@ def _check_layout(config: MopdConfig, arch, layout: Layout) -> None:
          "train.precision=bf16 needs CUDA or NPU; use fp32 on the CPU"),
         (not config.parallel.sequence_parallel or layout.device_type != "cpu",
          "parallel.sequence_parallel needs Transformer Engine or Apex (CUDA); turn it off on the CPU"),
-        (config.rollout.lmbda == 0 and not config.rollout.seq_kd,
-         "rollout.lmbda > 0 and rollout.seq_kd need a rollout engine, which is not available yet: set "
-         "rollout.lmbda=0 and rollout.seq_kd=false (dataset completions)"),
+        (not config.rollout.seq_kd, "rollout.seq_kd (a teacher generates the completions) is not available yet"),
+        (config.rollout.lmbda == 0 or all(t.tokenizer is None for t in config.teachers),
+         "rollout.lmbda > 0 with a teacher of another tokenizer is not available yet (the alignment of sampled "
+         "completions); use rollout.lmbda=0 with it"),
     ]
     for teacher in config.teachers:
         checks.append((teacher.placement == "remote" or cp == 1,
@@ -241,11 +249,11 @@ class _Dataset:
                                         messages_key=data.messages_key, domain_key=data.domain_key)
         except (ValueError, OSError, ImportError) as error:
             raise ConfigError(f"data.path: {error}") from None
-        if any(s.completion is None for s in self.samples):
+        if config.rollout.lmbda < 1 and any(s.completion is None for s in self.samples):
             first = next(s.index for s in self.samples if s.completion is None)
             raise ConfigError(
-                f"data.path: sample {first} has no completion; prompt-only data needs on-policy rollouts "
-                f"(rollout.lmbda=1), which are not available yet"
+                f"data.path: sample {first} has no completion; prompt-only data needs every step on-policy "
+                f"(rollout.lmbda=1)"
             )
         self.tokenizer, self.seq_length = tokenizer, data.seq_length
         self._cache: dict[int, Any] = {}
@@ -356,6 +364,14 @@ def _colocated_teacher(teacher, config: MopdConfig, arch, trainee):
         model.to(next(trainee.model[0].parameters()).device)
     return ColocatedTeacher(model, topk=teacher.topk, vocab_size=arch.vocab_size,
                             micro_batch_size=trainee.micro_batch_size, pad_token_id=trainee.pad_id)
+
+
+def _rollout_engine(config: MopdConfig, arch, trainee):
+    """The Megatron-native engine: samples from the live student (its current weights) on every rank."""
+    from megatron_mopd.rollout import MegatronRolloutEngine
+
+    return MegatronRolloutEngine(trainee.model[0], vocab_size=arch.vocab_size, pad_token_id=trainee.pad_id,
+                                 max_sequence_length=config.data.seq_length)
 
 
 def _resume_path(config: MopdConfig, output_dir: Path, latest_checkpoint) -> Optional[Path]:

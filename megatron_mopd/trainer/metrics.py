@@ -2,7 +2,8 @@
 and Weights & Biases when installed, and at the end ``report.json`` and ``curves.png``.
 
 One JSON object per step in ``metrics.jsonl``: ``step``, ``loss`` (per completion token), ``lr``,
-``tokens`` (completion tokens of the global batch), ``tokens_per_s``, ``grad_norm``,
+``tokens`` (completion tokens of the global batch), ``tokens_per_s``, ``grad_norm``, ``on_policy``
+(whether the student sampled the step's completions),
 ``divergence/<teacher>`` (that teacher's mean divergence per token it scored), ``sft/nll`` when
 ``sft_alpha`` > 0, ``time/<phase>`` seconds, and the data counters (``data/truncated_samples``, ...).
 A resumed run first drops the lines of steps at or after the one it resumes from, so the file always
@@ -35,6 +36,7 @@ def step_record(result: StepResult) -> dict[str, Any]:
         "tokens": int(tokens),
         "tokens_per_s": tokens / busy if busy > 0 else None,
         "grad_norm": result.grad_norm,
+        "on_policy": result.on_policy,
     }
     for name, pair in sorted(sums.items()):
         if name != "loss":

@@ -1,6 +1,7 @@
 """One optimizer step as named, timed phases:
 
-    rollout          the step's sequences: dataset completions (off-policy), or the rollout engine's
+    rollout          the step's sequences: dataset completions (off-policy), or the student's samples
+                     of the prompts from the rollout engine (on-policy, with probability lmbda)
     teacher_submit   each teacher's requests start now (remote: on the fetching rank, in the background;
                      colocated: the teacher's forward-only pass runs now, on every rank)
     forward_backward Megatron's schedule over the micro-batches; the loss waits for the teachers
@@ -26,6 +27,7 @@ from megatron_mopd.teachers.placement import local_rows
 from megatron_mopd.trainer.cross_tokenizer import CrossTokenizerSide
 from megatron_mopd.trainer.data import DataStats, Example, collate
 from megatron_mopd.trainer.forward_step import MicroBatch, StepContext, StepTeacherScores, forward_step
+from megatron_mopd.trainer.rollout import on_policy_examples
 
 PHASES = ("rollout", "teacher_submit", "forward_backward", "teacher_wait", "optimizer")
 
@@ -56,6 +58,7 @@ class StepResult:
     grad_norm: Optional[float]
     seconds: dict[str, float]
     data: DataStats
+    on_policy: bool = False
 
 
 @dataclass
@@ -82,6 +85,15 @@ class StepTeacher:
     cross: Optional[CrossTokenizerSide] = None
 
 
+@dataclass(frozen=True)
+class OnPolicy:
+    """An on-policy step's sampler: the engine, the student's tokenizer and the step's sampling."""
+
+    engine: Any
+    tokenizer: Any
+    sampling: Any
+
+
 def run_step(
     step: int,
     trainee: Trainee,
@@ -90,21 +102,27 @@ def run_step(
     routes: dict[str, torch.Tensor],
     *,
     sft_alpha: float,
+    on_policy: Optional[OnPolicy] = None,
 ) -> StepResult:
-    """Train on this data-parallel rank's ``examples`` (its part of the global batch).
+    """Train on this data-parallel rank's ``examples`` (its part of the global batch): on their
+    dataset completions, or with ``on_policy`` on the student's own samples of their prompts.
 
     Args:
         routes: bool ``[len(examples)]`` per teacher name, the samples it scores.
     """
     timer = PhaseTimer()
-    samples = [e.tokenized for e in examples]
+    behaviour = None
     with timer.time("rollout"):
-        dataset_completion = torch.ones(len(samples), dtype=torch.bool)
+        if on_policy is not None:
+            examples, behaviour = on_policy_examples(on_policy.engine, examples, on_policy.tokenizer,
+                                                     on_policy.sampling, trainee.seq_length)
+        samples = [e.tokenized for e in examples]
+        dataset_completion = torch.full((len(samples),), on_policy is None, dtype=torch.bool)
     with timer.time("teacher_submit"):
         step_teachers = [_submit(teacher, examples, routes[teacher.config.name], trainee.seq_length)
                          for teacher in teachers]
     context = StepContext(step, step_teachers, routes, sft_alpha, trainee.vocab_size, dist.get_rank())
-    micro_batches = _micro_batches(samples, dataset_completion, context, trainee)
+    micro_batches = _micro_batches(samples, dataset_completion, behaviour, context, trainee)
     with timer.time("forward_backward"):
         for chunk in trainee.model:
             chunk.zero_grad_buffer()
@@ -126,8 +144,8 @@ def run_step(
         if not updated:
             raise RuntimeError(f"step {step}: the optimizer skipped the update (gradient overflow)")
         trainee.scheduler.step(increment=1)
-    return StepResult(step, _reduce(reduced), lr,
-                      None if grad_norm is None else float(grad_norm), timer.seconds, DataStats.of(samples))
+    return StepResult(step, _reduce(reduced), lr, None if grad_norm is None else float(grad_norm), timer.seconds,
+                      DataStats.of(samples), on_policy is not None)
 
 
 def _submit(teacher: StepTeacher, examples: Sequence[Example], route: torch.Tensor, seq_length: int) -> StepTeacherScores:
@@ -175,7 +193,7 @@ def _run_colocated(teacher: StepTeacher, examples: Sequence[Example], seq_length
     return StepTeacherScores(teacher.config, None, rows, logits=logits)
 
 
-def _micro_batches(samples, dataset_completion, context: StepContext, trainee: Trainee) -> list[MicroBatch]:
+def _micro_batches(samples, dataset_completion, behaviour, context: StepContext, trainee: Trainee) -> list[MicroBatch]:
     """The rank's batch in micro-batches; with context parallelism, this CP rank's part of each
     sequence, split as Megatron splits it (``get_batch_on_this_cp_rank``; remote teacher rows are split
     the same way by ``placement``)."""
@@ -184,9 +202,12 @@ def _micro_batches(samples, dataset_completion, context: StepContext, trainee: T
     size = trainee.micro_batch_size
     batches = []
     for first in range(0, len(samples), size):
-        tensors = get_batch_on_this_cp_rank(collate(samples[first:first + size], trainee.seq_length, trainee.pad_id))
+        rows = slice(first, first + size)
+        tensors = collate(samples[rows], trainee.seq_length, trainee.pad_id)
+        tensors["behaviour_logprobs"] = None if behaviour is None else behaviour[rows]
+        tensors = get_batch_on_this_cp_rank(tensors)
         batches.append(MicroBatch(tensors["tokens"], tensors["position_ids"], tensors["labels"],
-                                  dataset_completion[first:first + size], first, context))
+                                  dataset_completion[rows], first, context, tensors["behaviour_logprobs"]))
     return batches
 
 
