@@ -19,7 +19,7 @@ Layout on disk::
         step_0000100.tmp/           staging directory of a save in progress (or of a killed one)
 
 Atomicity: a save writes everything into the staging directory, all ranks synchronize, then global
-rank 0 renames it to its final name, rewrites ``latest`` (temporary file, fsync, ``os.replace``) and
+rank 0 renames it to its final name, rewrites ``latest`` (``files.atomic_write_text``: temporary file, fsync, rename) and
 only then deletes checkpoints beyond ``keep_last``. A save killed at any point therefore leaves the
 previous ``latest`` naming a complete checkpoint; the next save removes the leftover staging
 directory. ``latest_checkpoint`` also survives a missing or corrupt ``latest`` by falling back to the
@@ -51,6 +51,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from megatron_mopd.trainer.files import atomic_write_text
 
 if TYPE_CHECKING:
     from megatron.core.optimizer import MegatronOptimizer
@@ -520,12 +522,7 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
 
 
 def _write_latest(root: Path, step: int) -> None:
-    tmp = root / (LATEST_FILE + STAGING_SUFFIX)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(f"{step}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / LATEST_FILE)
+    atomic_write_text(root / LATEST_FILE, f"{step}\n")
     _fsync_dir(root)
 
 

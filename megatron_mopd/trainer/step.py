@@ -165,8 +165,8 @@ def _submit(teacher: StepTeacher, examples: Sequence[Example], route: torch.Tens
     sequences = []
     if parallel_state.is_pipeline_last_stage():  # the loss, and so the alignment, lives there
         for i in chosen:
-            sequences.append(None)
-            sequences[-1], alignments[i] = teacher.cross.prepare(examples[i])
+            teacher_ids, alignments[i] = teacher.cross.prepare(examples[i])
+            sequences.append(teacher_ids)
     pending = submit_teacher_scores(teacher.client, sequences)
     return StepTeacherScores(teacher.config, pending, rows, teacher.cross.projection, alignments)
 
