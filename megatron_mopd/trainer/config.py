@@ -333,7 +333,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
 def _describe(error: Any, path: Optional[str | Path]) -> str:
     key = getattr(error, "full_key", None)
     message = str(getattr(error, "msg", error)).splitlines()[0]
-    if "Missing mandatory value" in message:
+    if "missing mandatory value" in message.lower():
         message = f"{key} is required: {_field_help(key)}"
     source = f"{path}: " if path else ""
     return f"{source}{message}" + (f" (at {key})" if key and key not in message else "")
