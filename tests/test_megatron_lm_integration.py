@@ -65,17 +65,17 @@ def teachers_file(path: Path, url: str) -> Path:
 
 def test_the_flags_configure_one_teacher_in_the_trainers_schema() -> None:
     config = config_of("--mopd-teacher-url", URL, "--mopd-teacher-url", "http://teacher:8001",
-                       "--mopd-teacher-name", "big", "--mopd-teacher-protocol", "sglang", "--mopd-loss", "mopd",
+                       "--mopd-teacher-name", "big", "--mopd-teacher-protocol", "sglang", "--mopd-loss", "topk_jsd",
                        "--mopd-topk", "32", "--mopd-beta", "0.25", "--mopd-tail", "renorm",
                        "--mopd-temperature", "0.7", "--mopd-sft-alpha", "0.3")
     assert config.teachers == [TeacherConfig(name="big", urls=[URL, "http://teacher:8001"], protocol="sglang",
-                                             loss="mopd", topk=32, beta=0.25, tail="renorm", temperature=0.7)]
+                                             loss="topk_jsd", topk=32, beta=0.25, tail="renorm", temperature=0.7)]
     assert config.loss == LossConfig(sft_alpha=0.3)
 
 
 def test_unset_flags_keep_the_schemas_defaults() -> None:
     config = config_of("--mopd-teacher-url", URL)
-    assert config.teachers == [TeacherConfig(name="teacher", urls=[URL])]
+    assert config.teachers == [TeacherConfig(name="teacher", urls=[URL], temperature=1.0)]
     assert config.loss == LossConfig()
 
 

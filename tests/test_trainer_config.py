@@ -65,10 +65,21 @@ def test_every_field_has_help_and_the_documented_reference_is_the_schemas() -> N
     (["teachers=[{name: a, urls: [u]}, {name: a, urls: [v]}]"], "teacher names must be distinct"),
     (["parallel.tp=0"], "parallel.tp must be >= 1"),
     (["train.precision=fp8"], "train.precision must be one of"),
+    (["teachers.0.loss=mopd", "teachers.0.temperature=0.7"], "loss mopd compares the teacher's raw log-probabilities"),
+    (["rollout.seq_kd=true", "teachers.0.placement=colocated", "teachers.0.urls=[]", "teachers.0.model=/m"],
+     "rollout.seq_kd needs a remote teacher"),
+    (["eval.interval=-1"], "eval.interval must be >= 0"),
 ])
 def test_a_bad_configuration_is_refused_naming_the_field(overrides, message) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, MINIMAL + overrides)
+
+
+def test_a_teachers_temperature_defaults_to_the_sampling_temperature() -> None:
+    config = load_config(None, MINIMAL + ["rollout.temperature=0.8",
+                                          "teachers=[{name: a, urls: [u]}, {name: b, urls: [v], loss: mopd},"
+                                          " {name: c, urls: [w], temperature: 2.0}]"])
+    assert [t.temperature for t in config.teachers] == [0.8, 1.0, 2.0]  # mopd: the raw log-probabilities
 
 
 def test_a_required_path_is_named() -> None:
@@ -90,9 +101,6 @@ CPU_DP1 = Layout(dp_rank=0, dp_size=1, reporting=True, fetching=True, device_typ
     (["data.seq_length=256"], CPU_DP1, "exceeds the model's 128 positions"),
     (["parallel.cp=2"], CPU_DP1, "parallel.cp > 1 needs Transformer Engine's context-parallel attention"),
     (["train.precision=bf16"], CPU_DP1, "bf16 needs CUDA or NPU"),
-    (["rollout.seq_kd=true"], CPU_DP1, r"rollout.seq_kd \(a teacher generates the completions\) is not available"),
-    (["rollout.lmbda=0.5", "teachers.0.tokenizer=/t", "teachers.0.loss=gold", "teachers.0.projection=/p"], CPU_DP1,
-     "rollout.lmbda > 0 with a teacher of another tokenizer is not available yet"),
 ])
 def test_sizes_that_do_not_fit_the_job_or_the_model_are_refused(overrides, layout, message) -> None:
     config = load_config(None, MINIMAL + ["data.seq_length=64"] + overrides)

@@ -9,7 +9,11 @@ under torchrun), on the demo's configuration with a shared reference teacher ser
   uninterrupted run's losses (relative 1e-6), and ``metrics.jsonl`` describes one history;
 - a checkpoint saved at TP=2 continues at PP=2 with the uninterrupted run's losses;
 - an on-policy run (``rollout.lmbda=1``) trains on the student's own samples, and samples and trains
-  alike at TP=2;
+  alike at TP=2, with a teacher of the student's tokenizer and with one of another tokenizer (which
+  scores the text the sampled ids spell);
+- a held-out evaluation (``eval.path``) measures each teacher's divergence on the student's samples of
+  the held-out prompts before the first step, every ``eval.interval`` steps and after the last, the
+  same at TP=2, and report.json's divergences are its first and last;
 - the outputs: config.yaml (resolved), metrics.jsonl, report.json, curves.png, checkpoints, and an
   exported Hugging Face student that ``transformers`` loads.
 """
@@ -140,13 +144,63 @@ def test_an_on_policy_run_trains_on_the_students_samples(on_policy_baseline, bas
     assert all(r["on_policy"] for r in records)
     assert [r["tokens"] for r in records] != [r["tokens"] for r in baseline[1]]  # sampled, not the dataset's
     report = json.loads((output / "report.json").read_text())
-    assert report["rollouts"] == {"on_policy_steps": STEPS, "off_policy_steps": 0}
+    assert report["rollouts"] == {"on_policy_steps": STEPS, "off_policy_steps": 0, "teacher_generated_steps": 0}
 
 
 def test_an_on_policy_run_samples_and_trains_alike_at_tp2(on_policy_baseline, demo_teacher_url, tmp_path) -> None:
     records = run(tmp_path, demo_teacher_url, *ON_POLICY, "parallel.tp=2", nproc=2)
     assert [r["tokens"] for r in records] == [r["tokens"] for r in on_policy_baseline[1]]
     assert losses(records) == pytest.approx(losses(on_policy_baseline[1]), rel=1e-4)
+
+
+HELD_OUT = ("eval.path=${demo:data}", "eval.interval=2", "eval.max_new_tokens=12")
+# Adam turns float-noise-sized gradients (~1e-10, plenty across a projection) into full-size updates
+# whose sign is noise; with that noise in the weights, sampled tokens differ across layouts after a few
+# steps. A larger ε keeps those updates as small as their gradients.
+SAMPLES_ALIKE = ("train.adam_eps=1e-4",)
+
+
+@pytest.fixture(scope="module")
+def cross_on_policy_baseline(sp_teacher_url, tmp_path_factory) -> tuple[Path, list[dict]]:
+    output = tmp_path_factory.mktemp("cross_on_policy_tp1")
+    return output, run(output, sp_teacher_url, *ON_POLICY, *HELD_OUT, *SAMPLES_ALIKE, config=CROSS_CONFIG)
+
+
+def held_out(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "eval.jsonl").read_text().splitlines()]
+
+
+def test_a_teacher_with_another_tokenizer_scores_the_students_samples(cross_on_policy_baseline) -> None:
+    _, records = cross_on_policy_baseline
+    assert all(r["on_policy"] for r in records)
+    assert all(r["divergence/sp_teacher"] > 0 for r in records)
+
+
+def test_held_out_evaluation_measures_each_teacher_on_the_students_samples(cross_on_policy_baseline) -> None:
+    output, _ = cross_on_policy_baseline
+    evaluations = held_out(output)
+    assert [e["step"] for e in evaluations] == [0, 2, STEPS]  # before the first step, every 2, after the last
+    assert all(e["eval/divergence/sp_teacher"] > 0 for e in evaluations)
+    report = json.loads((output / "report.json").read_text())
+    assert report["teachers"]["sp_teacher"]["divergence_start"] == evaluations[0]["eval/divergence/sp_teacher"]
+    assert report["teachers"]["sp_teacher"]["divergence_end"] == evaluations[-1]["eval/divergence/sp_teacher"]
+    before, after = report["eval"]["examples_before"], report["eval"]["examples_after"]
+    assert len(before) == len(after) == 2 and [e["prompt"] for e in before] == [e["prompt"] for e in after]
+    assert all(isinstance(e["completion"], str) for e in before + after)
+
+
+def test_on_policy_across_tokenizers_samples_evaluates_and_trains_alike_at_tp2(cross_on_policy_baseline,
+                                                                              sp_teacher_url, tmp_path) -> None:
+    output, records = cross_on_policy_baseline
+    tp2 = run(tmp_path, sp_teacher_url, *ON_POLICY, *HELD_OUT, *SAMPLES_ALIKE, "parallel.tp=2", nproc=2,
+              config=CROSS_CONFIG)
+    assert [r["tokens"] for r in tp2] == [r["tokens"] for r in records]
+    assert losses(tp2) == pytest.approx(losses(records), rel=1e-4)
+    divergences = [e["eval/divergence/sp_teacher"] for e in held_out(tmp_path)]
+    single = [e["eval/divergence/sp_teacher"] for e in held_out(output)]
+    assert divergences[0] == pytest.approx(single[0], rel=1e-5)  # the same weights sample the same tokens
+    # After updates, float noise in the weights may flip a sampled token among the ~3000 held-out ones.
+    assert divergences[1:] == pytest.approx(single[1:], rel=1e-2)
 
 
 def test_a_killed_run_resumes_exactly(baseline, demo_teacher_url, tmp_path) -> None:

@@ -46,7 +46,7 @@ def make_scores(seed: int) -> TeacherLogprobs:
 
 
 def teacher(name: str, loss: str = "topk_jsd", **options) -> TeacherConfig:
-    return TeacherConfig(name=name, urls=["http://unused"], loss=loss, topk=K, **options)
+    return TeacherConfig(name=name, urls=["http://unused"], loss=loss, topk=K, **{"temperature": 1.0, **options})
 
 
 def objective(logits, teachers, routes, *, dataset=None, behaviour=None, sft_alpha=0.0):

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig", "LossConfig", "MopdConfig", "ModelConfig",
-    "ParallelConfig", "RolloutConfig", "TeacherConfig", "TrainConfig", "config_reference", "load_config",
-    "save_config",
+    "CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "LoggingConfig", "LossConfig", "MopdConfig",
+    "ModelConfig", "ParallelConfig", "RolloutConfig", "TeacherConfig", "TrainConfig", "config_reference",
+    "default_teacher_temperatures", "load_config", "save_config",
 ]
 
 TEACHER_LOSSES = ("topk_jsd", "jsd", "ctkd", "gold", "mopd")
@@ -162,7 +162,8 @@ class TeacherConfig:
     topk: int = _help("teacher log-probabilities per position (a server must allow it: --max-logprobs)", 20)
     beta: float = _help("generalized JSD β: 0 forward KL, 1 reverse KL", 0.5)
     tail: str = _help("tail (K+1 buckets) or renorm (top-K loss)", "tail")
-    temperature: float = _help("τ applied to both sides before the divergence", 1.0)
+    temperature: Optional[float] = _help("τ applied to both sides before the divergence (default: rollout.temperature, "
+                                         "the temperature the student samples at; mopd compares raw log-probs)", None)
     weight: float = _help("weight of this teacher's loss (loss.routing=weights)", 1.0)
     domains: List[str] = _help("data domains routed to this teacher (loss.routing=domain)", list, list)
     tokenizer: Optional[str] = _help("the teacher's tokenizer directory when it differs from the student's", None)
@@ -182,7 +183,11 @@ class TeacherConfig:
         _require(self.tail in TAILS, f"{where}: tail must be one of {TAILS}")
         _require(self.topk >= 1, f"{where}: topk must be >= 1")
         _require(0.0 <= self.beta <= 1.0, f"{where}: beta must be in [0, 1], got {self.beta}")
-        _require(self.temperature > 0 and math.isfinite(self.temperature), f"{where}: temperature must be > 0")
+        _require(self.temperature is None or self.temperature > 0 and math.isfinite(self.temperature),
+                 f"{where}: temperature must be > 0")
+        _require(self.loss != "mopd" or self.temperature in (None, 1.0),
+                 f"{where}: loss mopd compares the teacher's raw log-probabilities of the sampled tokens (temperature "
+                 f"1); remove teachers.N.temperature")
         _require(self.weight >= 0 and math.isfinite(self.weight), f"{where}: weight must be a finite number >= 0")
         _require(0.0 <= self.importance_ratio_min < 1.0 < self.importance_ratio_max,
                  f"{where}: need 0 <= importance_ratio_min < 1 < importance_ratio_max")
@@ -230,6 +235,22 @@ class RolloutConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation: each teacher's divergence on the student's own samples of held-out prompts."""
+
+    path: Optional[str] = _help("JSONL of held-out prompts (same keys as data.path; completions unused); none: "
+                                "no evaluation", None)
+    interval: int = _help("also evaluate every this many steps (0: only before the first and after the last step)", 0)
+    max_new_tokens: Optional[int] = _help("completion length limit (default: rollout.max_new_tokens)", None)
+    examples: int = _help("sampled completions per domain written to report.json before and after", 2)
+
+    def __post_init__(self) -> None:
+        _require(self.interval >= 0, "eval.interval must be >= 0")
+        _require(self.max_new_tokens is None or self.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1")
+        _require(self.examples >= 0, "eval.examples must be >= 0")
+
+
+@dataclass
 class CheckpointConfig:
     """Training state on disk (Megatron distributed checkpoints, atomic)."""
 
@@ -272,6 +293,7 @@ class MopdConfig:
     loss: LossConfig = _help("combining the teachers", factory=LossConfig)
     teachers: List[TeacherConfig] = _help("the teachers (none: plain fine-tuning with loss.sft_alpha)", factory=list)
     rollout: RolloutConfig = _help("completions: dataset or on-policy", factory=RolloutConfig)
+    eval: EvalConfig = _help("held-out evaluation on the student's samples", factory=EvalConfig)
     checkpoint: CheckpointConfig = _help("checkpoints", factory=CheckpointConfig)
     logging: LoggingConfig = _help("logging", factory=LoggingConfig)
 
@@ -291,6 +313,20 @@ class MopdConfig:
                     seen[domain] = teacher.name
         _require(not self.rollout.seq_kd or any(t.placement == "remote" for t in self.teachers),
                  "rollout.seq_kd needs a remote teacher to generate the completions")
+        _require(not self.rollout.seq_kd or self.loss.routing == "weights" or all(
+            t.placement == "remote" for t in self.teachers),
+                 "rollout.seq_kd with loss.routing=domain: each sample's own teacher generates its completion, so "
+                 "every teacher must be remote")
+        default_teacher_temperatures(self.teachers, self.rollout.temperature)
+
+
+def default_teacher_temperatures(teachers: Sequence[TeacherConfig], sampling_temperature: float) -> None:
+    """Set each teacher's unset ``temperature`` (in place): the temperature the student samples at, as in
+    TRL's and ms-swift's GKD (one temperature for sampling and for the divergence); 1 for ``mopd``, which
+    compares the raw log-probabilities of the sampled tokens."""
+    for teacher in teachers:
+        if teacher.temperature is None:
+            teacher.temperature = 1.0 if teacher.loss == "mopd" else sampling_temperature
 
 
 def _structured() -> Any:
@@ -383,7 +419,8 @@ def config_reference() -> str:
 
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "train": TrainConfig, "loss": LossConfig,
-    "teachers": TeacherConfig, "rollout": RolloutConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
+    "teachers": TeacherConfig, "rollout": RolloutConfig, "eval": EvalConfig, "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
 }
 
 _resolvers_registered = False

@@ -106,6 +106,7 @@ class MicroBatch:
     first_row: int
     context: StepContext
     behaviour_logprobs: Optional[torch.Tensor] = None
+    behaviour_temperature: float = 1.0
 
 
 def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
@@ -126,7 +127,8 @@ def loss_func(batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, to
     device = logits.device
     terms = [_term(teacher, rows, batch, device, context) for teacher in context.teachers]
     targets = Targets(batch.labels.to(device), batch.dataset_completion.to(device),
-                      None if batch.behaviour_logprobs is None else batch.behaviour_logprobs.to(device))
+                      None if batch.behaviour_logprobs is None else batch.behaviour_logprobs.to(device),
+                      batch.behaviour_temperature)
     parts = micro_batch_objective(logits, targets, terms, sft_alpha=context.sft_alpha, vocab_size=context.vocab_size)
     logs = {"loss": torch.stack([parts.loss_sum.detach(), parts.num_tokens.float()])}
     for name, (total, count) in parts.divergences.items():

@@ -10,6 +10,7 @@ What goes into ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl`` (``
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,25 +71,35 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
     from megatron_mopd.trainer.cross_tokenizer import CrossTokenizerSide
     from megatron_mopd.trainer.data import GlobalBatchSampler, rank_slice
     from megatron_mopd.trainer.metrics import MetricsLogger, plot_curves, write_report
-    from megatron_mopd.trainer.rollout import is_on_policy, sampling_params
-    from megatron_mopd.trainer.step import OnPolicy, StepTeacher, run_step
+    from megatron_mopd.crosstok import CanonicalVocabulary
+    from megatron_mopd.trainer.rollout import StepSources
+    from megatron_mopd.trainer.step import StepTeacher, evaluate, run_step
     from megatron_mopd.trainer.teachers import open_teachers
 
     layout = _layout(device_type)
     report_say = say if layout.reporting else (lambda _line: None)
+    if device_type == "cpu":
+        _share_cpu_cores(config)
     output_dir = Path(config.output_dir)
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
     arch = _architecture(config, tokenizer)
     _check_layout(config, arch, layout)
-    dataset = _Dataset(config, tokenizer)
+    dataset = _Dataset(config.data.path, "data.path", config, tokenizer, completions=config.rollout.lmbda < 1)
     routes_of = _router(config, dataset)
+    held_out = _Dataset(config.eval.path, "eval.path", config, tokenizer, completions=False) if config.eval.path else None
+    held_out_routes = _router(config, held_out) if held_out else None
+    if held_out is not None and len(held_out.samples) < layout.dp_size:
+        raise ConfigError(f"eval.path: {len(held_out.samples)} held-out prompts for {layout.dp_size} data-parallel "
+                          f"ranks; give at least one per rank")
     sampler = GlobalBatchSampler(len(dataset.samples), config.train.global_batch_size, seed=config.seed,
                                  shuffle=config.data.shuffle)
     cross_sides = {t.name: CrossTokenizerSide(t, tokenizer, max_teacher_tokens=4 * config.data.seq_length)
                    for t in config.teachers if t.tokenizer is not None}
     _check_teacher_vocabularies(config, tokenizer)
     trainee = _build_trainee(config, arch, tokenizer, layout, report_say)
-    engine = _rollout_engine(config, arch, trainee) if config.rollout.lmbda > 0 else None
+    samples_student = config.rollout.lmbda > 0 or held_out is not None
+    engine = _rollout_engine(config, arch, trainee) if samples_student else None
+    vocabulary = CanonicalVocabulary.of(tokenizer) if samples_student or config.rollout.seq_kd else None
 
     start_step = 0
     resume = _resume_path(config, output_dir, latest_checkpoint)
@@ -113,6 +124,8 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
         with open_teachers(config.teachers, fetching=layout.fetching, log_dir=output_dir / "logs",
                            colocated=lambda t: _colocated_teacher(t, config, arch, trainee), say=report_say) as clients:
             teachers = [StepTeacher(t, clients[t.name], cross_sides.get(t.name)) for t in config.teachers]
+            sources = StepSources(config, tokenizer, vocabulary, engine, clients,
+                                  {name: side.tokenizer for name, side in cross_sides.items()}, layout.fetching)
             report_say(_banner(config, arch, layout, start_step))
             if layout.reporting:
                 logger = MetricsLogger(
@@ -120,20 +133,28 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
                     interval=config.logging.interval, progress=config.logging.progress,
                     tensorboard=config.logging.tensorboard, wandb_project=config.logging.wandb_project,
                     config=as_dict(config))
+            def held_out_evaluation(step: int) -> None:
+                indices = list(range(layout.dp_rank, len(held_out.samples), layout.dp_size))
+                evaluation = evaluate(step, trainee, [held_out.example(i) for i in indices], teachers,
+                                      held_out_routes(indices), sources.held_out())
+                if logger is not None:
+                    logger.log_eval(evaluation, config.eval.examples)
+
             for step in range(start_step, config.train.steps):
+                if held_out is not None and (step == start_step or config.eval.interval
+                                             and step % config.eval.interval == 0):
+                    held_out_evaluation(step)
                 indices = rank_slice(next(sampler), layout.dp_rank, layout.dp_size)  # the cursor moves on
                 examples = [dataset.example(i) for i in indices]
-                on_policy = None
-                if is_on_policy(config.seed, step, config.rollout.lmbda):
-                    on_policy = OnPolicy(engine, tokenizer,
-                                         sampling_params(config.rollout, tokenizer, seed=config.seed, step=step))
                 result = run_step(step, trainee, examples, teachers, routes_of(indices),
-                                  sft_alpha=config.loss.sft_alpha, on_policy=on_policy)
+                                  sft_alpha=config.loss.sft_alpha, source=sources.for_step(step, routes_of(indices)))
                 if logger is not None:
                     logger.log(result)
                 if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0 \
                         and step + 1 < config.train.steps:
                     checkpoint(step + 1)
+            if held_out is not None and start_step < config.train.steps:
+                held_out_evaluation(config.train.steps)
         if config.checkpoint.save_at_end and start_step < config.train.steps:
             checkpoint(config.train.steps)
         if config.checkpoint.export_hf:
@@ -148,11 +169,25 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
         "layout": {"tp": config.parallel.tp, "pp": config.parallel.pp, "cp": config.parallel.cp,
                    "dp": layout.dp_size},
         "rollouts": {"on_policy_steps": sum(bool(r.get("on_policy")) for r in logger.records),
-                     "off_policy_steps": sum(not r.get("on_policy") for r in logger.records)},
-    })
-    plot = plot_curves(output_dir, logger.records) if config.logging.plot else None
+                     "off_policy_steps": sum(not r.get("on_policy") for r in logger.records),
+                     "teacher_generated_steps": sum(r.get("completions") == "teacher" for r in logger.records)},
+    }, logger.evals)
+    plot = plot_curves(output_dir, logger.records, logger.evals) if config.logging.plot else None
     say(_verdict(report, output_dir, plot))
     return report
+
+
+def _share_cpu_cores(config: MopdConfig) -> None:
+    """Unless ``OMP_NUM_THREADS`` is set, split the node's cores between its ranks and the teacher servers
+    the trainer starts (they inherit the setting): tiny CPU matrices gain nothing from threads that
+    fight over the same cores, and the demo runs several times faster this way."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    servers = sum(t.placement == "remote" and not t.urls for t in config.teachers)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) + servers
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 def _architecture(config: MopdConfig, tokenizer) -> Any:
@@ -197,10 +232,6 @@ def _check_layout(config: MopdConfig, arch, layout: Layout) -> None:
          "train.precision=bf16 needs CUDA or NPU; use fp32 on the CPU"),
         (not config.parallel.sequence_parallel or layout.device_type != "cpu",
          "parallel.sequence_parallel needs Transformer Engine or Apex (CUDA); turn it off on the CPU"),
-        (not config.rollout.seq_kd, "rollout.seq_kd (a teacher generates the completions) is not available yet"),
-        (config.rollout.lmbda == 0 or all(t.tokenizer is None for t in config.teachers),
-         "rollout.lmbda > 0 with a teacher of another tokenizer is not available yet (the alignment of sampled "
-         "completions); use rollout.lmbda=0 with it"),
     ]
     for teacher in config.teachers:
         checks.append((teacher.placement == "remote" or cp == 1,
@@ -238,22 +269,25 @@ def _check_teacher_vocabularies(config: MopdConfig, tokenizer) -> None:
 
 
 class _Dataset:
-    """The samples and their tokenizations (each tokenized once, when first used)."""
+    """The samples and their tokenizations (each tokenized once, when first used).
 
-    def __init__(self, config: MopdConfig, tokenizer) -> None:
+    ``completions``: every sample must have one (some steps train on dataset completions)."""
+
+    def __init__(self, path: str, key: str, config: MopdConfig, tokenizer, *, completions: bool) -> None:
         from megatron_mopd.trainer.data import load_samples
 
         data = config.data
         try:
-            self.samples = load_samples(data.path, prompt_key=data.prompt_key, completion_key=data.completion_key,
+            self.samples = load_samples(path, prompt_key=data.prompt_key, completion_key=data.completion_key,
                                         messages_key=data.messages_key, domain_key=data.domain_key)
         except (ValueError, OSError, ImportError) as error:
-            raise ConfigError(f"data.path: {error}") from None
-        if config.rollout.lmbda < 1 and any(s.completion is None for s in self.samples):
+            raise ConfigError(f"{key}: {error}") from None
+        self.key = key
+        if completions and not config.rollout.seq_kd and any(s.completion is None for s in self.samples):
             first = next(s.index for s in self.samples if s.completion is None)
             raise ConfigError(
-                f"data.path: sample {first} has no completion; prompt-only data needs every step on-policy "
-                f"(rollout.lmbda=1)"
+                f"{key}: sample {first} has no completion; prompt-only data needs every step on-policy "
+                f"(rollout.lmbda=1) or teacher-generated (rollout.seq_kd=true)"
             )
         self.tokenizer, self.seq_length = tokenizer, data.seq_length
         self._cache: dict[int, Any] = {}
@@ -276,7 +310,7 @@ def _router(config: MopdConfig, dataset: _Dataset) -> Callable[[list[int]], dict
     for sample in dataset.samples:
         if sample.domain not in teacher_of:
             raise ConfigError(
-                f"data.path: sample {sample.index} has domain {sample.domain!r}, which no teacher lists "
+                f"{dataset.key}: sample {sample.index} has domain {sample.domain!r}, which no teacher lists "
                 f"(teachers' domains: {sorted(teacher_of)}); add it to a teacher's domains"
             )
 
@@ -410,6 +444,12 @@ def _banner(config: MopdConfig, arch, layout: Layout, start_step: int) -> str:
 def _verdict(report: dict[str, Any], output_dir: Path, plot: Optional[Path]) -> str:
     lines = [f"done: {report['steps']} steps in {report['seconds']:.0f} s; wrote {output_dir}/"
              f"{{config.yaml, metrics.jsonl, report.json{', curves.png' if plot else ''}}}"]
+    where = " (held-out prompts, the student's samples)" if "eval" in report else ""
     for name, values in report["teachers"].items():
-        lines.append(f"  divergence to {name}: {values['divergence_start']:.4f} -> {values['divergence_end']:.4f}")
+        lines.append(f"  divergence to {name}{where}: {values['divergence_start']:.4f} -> "
+                     f"{values['divergence_end']:.4f}")
+    for before, after in zip(report.get("eval", {}).get("examples_before", []),
+                             report.get("eval", {}).get("examples_after", [])):
+        domain = f"[{before['domain']}] " if before["domain"] else ""
+        lines.append(f"  {domain}{before['prompt']!r}: before {before['completion']!r}, after {after['completion']!r}")
     return "\n".join(lines)

@@ -3,11 +3,15 @@ and Weights & Biases when installed, and at the end ``report.json`` and ``curves
 
 One JSON object per step in ``metrics.jsonl``: ``step``, ``loss`` (per completion token), ``lr``,
 ``tokens`` (completion tokens of the global batch), ``tokens_per_s``, ``grad_norm``, ``on_policy``
-(whether the student sampled the step's completions),
+(whether the student sampled the step's completions), ``completions`` (``dataset``, ``student`` or
+``teacher``),
 ``divergence/<teacher>`` (that teacher's mean divergence per token it scored), ``sft/nll`` when
 ``sft_alpha`` > 0, ``time/<phase>`` seconds, and the data counters (``data/truncated_samples``, ...).
-A resumed run first drops the lines of steps at or after the one it resumes from, so the file always
-describes one history. Only the reporting rank (last pipeline stage, TP rank 0, DP rank 0) writes.
+With ``eval.path``, ``eval.jsonl`` holds one object per held-out evaluation (before step ``step``):
+``eval/divergence/<teacher>`` on the student's samples of the held-out prompts, ``eval/seconds``, and
+``examples``: a few prompts with the completion the student sampled.
+A resumed run first drops the lines of steps at or after the one it resumes from, so the files always
+describe one history. Only the reporting rank (last pipeline stage, TP rank 0, DP rank 0) writes.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from megatron_mopd.trainer.files import atomic_write_text
-from megatron_mopd.trainer.step import StepResult
+from megatron_mopd.trainer.step import Evaluation, StepResult
 
-METRICS_FILE, REPORT_FILE, CURVES_FILE = "metrics.jsonl", "report.json", "curves.png"
+METRICS_FILE, EVAL_FILE, REPORT_FILE, CURVES_FILE = "metrics.jsonl", "eval.jsonl", "report.json", "curves.png"
 
 
 def step_record(result: StepResult) -> dict[str, Any]:
@@ -37,6 +41,7 @@ def step_record(result: StepResult) -> dict[str, Any]:
         "tokens_per_s": tokens / busy if busy > 0 else None,
         "grad_norm": result.grad_norm,
         "on_policy": result.on_policy,
+        "completions": result.completions,
     }
     for name, pair in sorted(sums.items()):
         if name != "loss":
@@ -62,6 +67,8 @@ class MetricsLogger:
         self.records = _kept_records(self.path, start_step)
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._file = open(self.path, "a", encoding="utf-8")
+        self.evals = _kept_records(output_dir / EVAL_FILE, start_step, through=True)
+        atomic_write_text(output_dir / EVAL_FILE, "".join(json.dumps(r) + "\n" for r in self.evals))
         self._bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -95,6 +102,36 @@ class MetricsLogger:
             self._bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None else "-")
         if (record["step"] + 1) % self.interval == 0:
             self.write(format_record(record))
+        return record
+
+    def log_eval(self, evaluation: Evaluation, examples_per_domain: int) -> dict[str, Any]:
+        """Record a held-out evaluation (``eval.jsonl``, dashboards, one console line)."""
+        record: dict[str, Any] = {"step": evaluation.step, "eval/seconds": evaluation.seconds}
+        for name, pair in sorted((evaluation.sums or {}).items()):
+            if name.startswith("divergence/"):
+                record[f"eval/{name}"] = _mean(pair)
+        shown: dict[Any, int] = {}
+        record["examples"] = []
+        for example in evaluation.examples:
+            domain = example.sample.domain
+            if shown.get(domain, 0) < examples_per_domain:
+                shown[domain] = shown.get(domain, 0) + 1
+                prompt = example.sample.prompt
+                record["examples"].append({"domain": domain, "prompt": prompt if isinstance(prompt, str) else
+                                           [dict(m) for m in prompt], "completion": example.sample.completion})
+        self.evals.append(record)
+        with open(self.output_dir / EVAL_FILE, "a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+        for name, value in record.items():
+            if name.startswith("eval/divergence/") and value is not None:
+                if self._tensorboard is not None:
+                    self._tensorboard.add_scalar(name, value, evaluation.step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k.startswith("eval/")}, step=evaluation.step)
+        divergences = " | ".join(f"{name.split('/', 2)[2]} {_fmt(value)}" for name, value in record.items()
+                                 if name.startswith("eval/divergence/"))
+        self.write(f"eval at step {evaluation.step}: held-out divergence {divergences} "
+                   f"({evaluation.seconds:.1f} s)")
         return record
 
     def write(self, line: str) -> None:
@@ -132,20 +169,28 @@ def _fmt(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _kept_records(path: Path, start_step: int) -> list[dict[str, Any]]:
+def _kept_records(path: Path, start_step: int, through: bool = False) -> list[dict[str, Any]]:
+    """The records of an earlier run before ``start_step`` (``through``: at or before it, for
+    evaluations, which come before a step)."""
     if start_step == 0 or not path.exists():
         return []
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         with contextlib.suppress(json.JSONDecodeError):
             record = json.loads(line)
-            if record.get("step", math.inf) < start_step:
+            step = record.get("step", math.inf)
+            if step < start_step or through and step == start_step:
                 records.append(record)
     return records
 
 
-def write_report(output_dir: Path, records: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
-    """``report.json``: first and last values of the loss and every divergence, steps, plus ``extra``."""
+def write_report(output_dir: Path, records: list[dict[str, Any]], extra: dict[str, Any],
+                 evals: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """``report.json``: first and last values of the loss and every divergence, steps, plus ``extra``.
+
+    ``teachers.<name>.divergence_start/_end`` are the held-out evaluations' first and last values when
+    there are evaluations (the student's samples of held-out prompts), else the training curve's; the
+    training curve's are always there too (``train_divergence_start/_end``)."""
     report: dict[str, Any] = {"steps": len(records), **extra}
     names = ["loss"] + sorted({k for r in records for k in r if k.startswith(("divergence/", "sft/"))})
     curves = {}
@@ -154,15 +199,26 @@ def write_report(output_dir: Path, records: list[dict[str, Any]], extra: dict[st
         if values:
             curves[name] = {"start": values[0], "end": values[-1], "min": min(values)}
     report["curves"] = curves
-    teachers = {name.split("/", 1)[1]: {"divergence_start": c["start"], "divergence_end": c["end"]}
-                for name, c in curves.items() if name.startswith("divergence/")}
+    teachers = {}
+    for name, curve in curves.items():
+        if name.startswith("divergence/"):
+            teacher = name.split("/", 1)[1]
+            held_out = [e[f"eval/{name}"] for e in evals if e.get(f"eval/{name}") is not None]
+            start, end = (held_out[0], held_out[-1]) if held_out else (curve["start"], curve["end"])
+            teachers[teacher] = {"divergence_start": start, "divergence_end": end,
+                                 "train_divergence_start": curve["start"], "train_divergence_end": curve["end"]}
     report["teachers"] = teachers
+    if evals:
+        report["eval"] = {"measured_before_steps": [e["step"] for e in evals],
+                          "examples_before": evals[0]["examples"], "examples_after": evals[-1]["examples"]}
     atomic_write_text(output_dir / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     return report
 
 
-def plot_curves(output_dir: Path, records: list[dict[str, Any]]) -> Optional[Path]:
-    """``curves.png``: the loss and each teacher's divergence per step (None without matplotlib)."""
+def plot_curves(output_dir: Path, records: list[dict[str, Any]], evals: Sequence[dict[str, Any]] = ()
+                ) -> Optional[Path]:
+    """``curves.png``: the loss and each teacher's divergence per step, with the held-out evaluations as
+    markers (None without matplotlib)."""
     try:
         import matplotlib
 
@@ -175,7 +231,10 @@ def plot_curves(output_dir: Path, records: list[dict[str, Any]]) -> Optional[Pat
     for name in names:
         points = [(r["step"], r[name]) for r in records if r.get(name) is not None]
         if points:
-            axes[0].plot(*zip(*points), label=name)
+            line, = axes[0].plot(*zip(*points), label=name)
+            held_out = [(e["step"], e[f"eval/{name}"]) for e in evals if e.get(f"eval/{name}") is not None]
+            if held_out:
+                axes[0].plot(*zip(*held_out), "o--", color=line.get_color(), label=f"{name} (held-out)")
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("per completion token")
     axes[0].set_title("loss and divergence to each teacher")

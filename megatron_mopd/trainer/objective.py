@@ -21,7 +21,8 @@ Per-token teacher losses ℓ_t:
 - ``mopd``: the sampled-token advantage loss −w_i · A_i · log π_S(y_i) with
   A_i = stopgrad(log π_T(y_i) − log π_S(y_i)) and the truncated importance weight
   w_i = clip(π_S(y_i) / π_rollout(y_i), r_min, r_max) when the rollout's behaviour log-probabilities are
-  known (1 for dataset completions). A teacher log-probability of −inf (the teacher rules the token out)
+  known (1 for dataset and teacher completions); π_S there is the student at the temperature the
+  rollout sampled at, as π_rollout is, while the advantage compares raw (temperature 1) log-probabilities. A teacher log-probability of −inf (the teacher rules the token out)
   is floored at ``MOPD_TEACHER_LOGPROB_FLOOR``. Its logged divergence is the sampled estimate of
   KL(S‖T), the mean of log π_S(y) − log π_T(y).
 """
@@ -53,9 +54,7 @@ class TeacherTerm:
         config: the teacher's configuration (loss, β, τ, tail, weight, importance bounds).
         scores: rows ``[b, s, K]`` / ``[b, s]`` aligned with the student's positions (row j scores the
             token at j + 1, as ``labels[:, j]``); for a teacher with another tokenizer, its own rows
-            ``[b, t-1, K]`` over its vocabulary.
-        route: bool ``[b]``, the samples this teacher scores.
-            None for a ``jsd`` teacher, which gives ``logits`` instead.
+            ``[b, t-1, K]`` over its vocabulary. None for a ``jsd`` teacher, which gives ``logits`` instead.
         route: bool ``[b]``, the samples this teacher scores.
         chunks, projection: for a teacher with another tokenizer, the aligned chunks of the micro-batch
             and the ``crosstok.VocabProjection`` into its vocabulary.
@@ -78,11 +77,13 @@ class Targets:
         labels: int64 ``[b, s]`` next-token ids, −100 outside the completions.
         dataset_completion: bool ``[b]``, completions that come from the dataset (SFT applies).
         behaviour_logprobs: float32 ``[b, s]`` log π_rollout of ``labels`` for sampled completions, or None.
+        behaviour_temperature: the temperature the completions were sampled at (π_rollout's).
     """
 
     labels: torch.Tensor
     dataset_completion: torch.Tensor
     behaviour_logprobs: Optional[torch.Tensor] = None
+    behaviour_temperature: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,11 @@ def _teacher_loss(
         log_ratio = (student_logp - teacher_logp).detach()  # log π_S − log π_T = −A
         weight = torch.ones_like(log_ratio)
         if targets.behaviour_logprobs is not None:
-            ratio = (student_logp.detach() - targets.behaviour_logprobs).exp()
+            current = student_logp.detach()  # π_S at the temperature the rollout sampled at
+            if targets.behaviour_temperature != 1.0:
+                current = vocab_parallel_token_logprobs(logits.detach(), targets.labels, vocab_size=vocab_size,
+                                                        temperature=targets.behaviour_temperature)
+            ratio = (current - targets.behaviour_logprobs).exp()
             weight = torch.where(targets.dataset_completion[:, None], weight,
                                  ratio.clamp(cfg.importance_ratio_min, cfg.importance_ratio_max))
         return weight * log_ratio * student_logp, log_ratio

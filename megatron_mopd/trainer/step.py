@@ -1,7 +1,8 @@
 """One optimizer step as named, timed phases:
 
-    rollout          the step's sequences: dataset completions (off-policy), or the student's samples
-                     of the prompts from the rollout engine (on-policy, with probability lmbda)
+    rollout          the step's sequences (``trainer.rollout``): dataset completions (off-policy), the
+                     student's samples of the prompts (on-policy, with probability lmbda), or a
+                     teacher's (seq_kd)
     teacher_submit   each teacher's requests start now (remote: on the fetching rank, in the background;
                      colocated: the teacher's forward-only pass runs now, on every rank)
     forward_backward Megatron's schedule over the micro-batches; the loss waits for the teachers
@@ -10,6 +11,7 @@
 
 Every rank runs every phase; the losses exist only on the last pipeline stage. ``StepResult`` holds
 the step's sums reduced over the data-parallel ranks (on the last stage; elsewhere None).
+``evaluate`` runs the same phases forward-only, without the optimizer, on held-out prompts.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import torch.distributed as dist
 from megatron_mopd.teachers import submit_teacher_scores
 from megatron_mopd.teachers.placement import local_rows
 from megatron_mopd.trainer.cross_tokenizer import CrossTokenizerSide
-from megatron_mopd.trainer.data import DataStats, Example, collate
+from megatron_mopd.trainer.data import DataStats, Example, TokenizedSample, collate
 from megatron_mopd.trainer.forward_step import MicroBatch, StepContext, StepTeacherScores, forward_step
-from megatron_mopd.trainer.rollout import on_policy_examples
+from megatron_mopd.trainer.rollout import Completed, CompletionSource
 
 PHASES = ("rollout", "teacher_submit", "forward_backward", "teacher_wait", "optimizer")
 
@@ -59,6 +61,7 @@ class StepResult:
     seconds: dict[str, float]
     data: DataStats
     on_policy: bool = False
+    completions: str = "dataset"  # where the step's completions came from: dataset, student or teacher
 
 
 @dataclass
@@ -85,15 +88,6 @@ class StepTeacher:
     cross: Optional[CrossTokenizerSide] = None
 
 
-@dataclass(frozen=True)
-class OnPolicy:
-    """An on-policy step's sampler: the engine, the student's tokenizer and the step's sampling."""
-
-    engine: Any
-    tokenizer: Any
-    sampling: Any
-
-
 def run_step(
     step: int,
     trainee: Trainee,
@@ -102,42 +96,19 @@ def run_step(
     routes: dict[str, torch.Tensor],
     *,
     sft_alpha: float,
-    on_policy: Optional[OnPolicy] = None,
+    source: Optional[CompletionSource] = None,
 ) -> StepResult:
     """Train on this data-parallel rank's ``examples`` (its part of the global batch): on their
-    dataset completions, or with ``on_policy`` on the student's own samples of their prompts.
+    dataset completions, or on the completions ``source`` gives (the student's or a teacher's).
 
     Args:
         routes: bool ``[len(examples)]`` per teacher name, the samples it scores.
     """
     timer = PhaseTimer()
-    behaviour = None
     with timer.time("rollout"):
-        if on_policy is not None:
-            examples, behaviour = on_policy_examples(on_policy.engine, examples, on_policy.tokenizer,
-                                                     on_policy.sampling, trainee.seq_length)
-        samples = [e.tokenized for e in examples]
-        dataset_completion = torch.full((len(samples),), on_policy is None, dtype=torch.bool)
-    with timer.time("teacher_submit"):
-        step_teachers = [_submit(teacher, examples, routes[teacher.config.name], trainee.seq_length)
-                         for teacher in teachers]
-    context = StepContext(step, step_teachers, routes, sft_alpha, trainee.vocab_size, dist.get_rank())
-    micro_batches = _micro_batches(samples, dataset_completion, behaviour, context, trainee)
-    with timer.time("forward_backward"):
-        for chunk in trainee.model:
-            chunk.zero_grad_buffer()
-        trainee.optimizer.zero_grad()
-        reduced = trainee.forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=iter(micro_batches),
-            model=trainee.model,
-            num_microbatches=len(micro_batches),
-            seq_length=trainee.seq_length,
-            micro_batch_size=trainee.micro_batch_size,
-            forward_only=False,
-        )
-    timer.seconds["teacher_wait"] = sum(t.waited_s for t in step_teachers)
-    timer.seconds["forward_backward"] -= timer.seconds["teacher_wait"]
+        completed = _complete(source, examples, trainee.seq_length)
+    reduced, step_teachers = _run_schedule(step, trainee, completed, teachers, routes, sft_alpha, timer,
+                                           forward_only=False)
     lr = trainee.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
     with timer.time("optimizer"):
         updated, grad_norm, _ = trainee.optimizer.step()
@@ -145,7 +116,85 @@ def run_step(
             raise RuntimeError(f"step {step}: the optimizer skipped the update (gradient overflow)")
         trainee.scheduler.step(increment=1)
     return StepResult(step, _reduce(reduced), lr, None if grad_norm is None else float(grad_norm), timer.seconds,
-                      DataStats.of(samples), on_policy is not None)
+                      DataStats.of(e.tokenized for e in completed.examples), completed.source == "student",
+                      completed.source)
+
+
+@dataclass
+class Evaluation:
+    """A held-out evaluation: per-name sums and counts over every rank's prompts (last stage; else
+    None), this rank's sampled examples, and the seconds it took."""
+
+    step: int
+    sums: Optional[dict[str, tuple[float, float]]]
+    examples: list[Example]
+    seconds: float
+
+
+def evaluate(
+    step: int,
+    trainee: Trainee,
+    examples: Sequence[Example],
+    teachers: Sequence[StepTeacher],
+    routes: dict[str, torch.Tensor],
+    source: CompletionSource,
+) -> Evaluation:
+    """Each teacher's divergence on ``source``'s completions of this rank's held-out ``examples``
+    (forward-only; nothing is updated). The rank's examples need not fill whole micro-batches: the
+    last one is padded with rows that have no completion (no teacher scores them, no loss counts them)."""
+    began = time.perf_counter()
+    completed = _complete(source, examples, trainee.seq_length)
+    missing = -len(examples) % trainee.micro_batch_size
+    padding = [_without_completion(completed.examples[0])] * missing
+    behaviour = completed.behaviour
+    if behaviour is not None:
+        behaviour = torch.cat([behaviour, behaviour.new_zeros(missing, behaviour.shape[1])])
+    padded = Completed(completed.examples + padding, behaviour, completed.dataset_completion, completed.source,
+                       completed.behaviour_temperature)
+    routes = {name: torch.cat([route, route.new_zeros(missing)]) for name, route in routes.items()}
+    reduced, _ = _run_schedule(step, trainee, padded, teachers, routes, 0.0, PhaseTimer(), forward_only=True)
+    return Evaluation(step, _reduce(reduced), completed.examples, time.perf_counter() - began)
+
+
+def _complete(source: Optional[CompletionSource], examples: Sequence[Example], seq_length: int) -> Completed:
+    if source is None:
+        return Completed(list(examples), None, True, "dataset")
+    return source.complete(examples, seq_length)
+
+
+def _without_completion(example: Example) -> Example:
+    tokens = example.tokenized
+    return Example(example.sample, example.rendered, TokenizedSample(
+        tokens.input_ids, [False] * len(tokens.input_ids), tokens.offsets, tokens.truncated, 0))
+
+
+def _run_schedule(step: int, trainee: Trainee, completed: Completed, teachers: Sequence[StepTeacher],
+                  routes: dict[str, torch.Tensor], sft_alpha: float, timer: PhaseTimer, *, forward_only: bool):
+    """Submit the teachers' requests and run Megatron's schedule over the micro-batches; returns the
+    schedule's per-micro-batch logs and the step's teachers."""
+    examples = completed.examples
+    with timer.time("teacher_submit"):
+        step_teachers = [_submit(teacher, examples, routes[teacher.config.name], trainee.seq_length)
+                         for teacher in teachers]
+    context = StepContext(step, step_teachers, routes, sft_alpha, trainee.vocab_size, dist.get_rank())
+    micro_batches = _micro_batches(completed, context, trainee)
+    with timer.time("forward_backward"):
+        if not forward_only:
+            for chunk in trainee.model:
+                chunk.zero_grad_buffer()
+            trainee.optimizer.zero_grad()
+        reduced = trainee.forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=trainee.model,
+            num_microbatches=len(micro_batches),
+            seq_length=trainee.seq_length,
+            micro_batch_size=trainee.micro_batch_size,
+            forward_only=forward_only,
+        )
+    timer.seconds["teacher_wait"] = sum(t.waited_s for t in step_teachers)
+    timer.seconds["forward_backward"] -= timer.seconds["teacher_wait"]
+    return reduced, step_teachers
 
 
 def _submit(teacher: StepTeacher, examples: Sequence[Example], route: torch.Tensor, seq_length: int) -> StepTeacherScores:
@@ -193,13 +242,14 @@ def _run_colocated(teacher: StepTeacher, examples: Sequence[Example], seq_length
     return StepTeacherScores(teacher.config, None, rows, logits=logits)
 
 
-def _micro_batches(samples, dataset_completion, behaviour, context: StepContext, trainee: Trainee) -> list[MicroBatch]:
+def _micro_batches(completed: Completed, context: StepContext, trainee: Trainee) -> list[MicroBatch]:
     """The rank's batch in micro-batches; with context parallelism, this CP rank's part of each
     sequence, split as Megatron splits it (``get_batch_on_this_cp_rank``; remote teacher rows are split
     the same way by ``placement``)."""
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    size = trainee.micro_batch_size
+    size, samples, behaviour = trainee.micro_batch_size, [e.tokenized for e in completed.examples], completed.behaviour
+    dataset_completion = torch.full((len(samples),), completed.dataset_completion, dtype=torch.bool)
     batches = []
     for first in range(0, len(samples), size):
         rows = slice(first, first + size)
@@ -207,7 +257,8 @@ def _micro_batches(samples, dataset_completion, behaviour, context: StepContext,
         tensors["behaviour_logprobs"] = None if behaviour is None else behaviour[rows]
         tensors = get_batch_on_this_cp_rank(tensors)
         batches.append(MicroBatch(tensors["tokens"], tensors["position_ids"], tensors["labels"],
-                                  dataset_completion[rows], first, context, tensors["behaviour_logprobs"]))
+                                  dataset_completion[rows], first, context, tensors["behaviour_logprobs"],
+                                  completed.behaviour_temperature))
     return batches
 
 

@@ -31,7 +31,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, NamedTuple, Optional
 
-from megatron_mopd.trainer.config import PROTOCOLS, TAILS, ConfigError, LossConfig, TeacherConfig, register_resolvers
+from megatron_mopd.trainer.config import (
+    PROTOCOLS, TAILS, ConfigError, LossConfig, TeacherConfig, default_teacher_temperatures, register_resolvers,
+)
 
 __all__ = ["MegatronLMMopdConfig", "add_mopd_args", "mopd_config_from_args"]
 
@@ -63,6 +65,7 @@ class MegatronLMMopdConfig:
             _require(teacher.tokenizer is None,
                      f"{where}: a teacher with another tokenizer needs each sample's text, which Megatron-LM's "
                      f"datasets do not carry; distill it with `mopd train`")
+        default_teacher_temperatures(self.teachers, 1.0)  # off-policy: nothing is sampled
 
 
 class _Flag(NamedTuple):
