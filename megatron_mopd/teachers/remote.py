@@ -28,10 +28,17 @@ use fails at once (``TeacherRequestError``) instead of waiting.
 Text mode (cross-tokenizer teachers): ``submit_texts`` tokenizes with the teacher's fast tokenizer
 (special tokens as it adds them) and returns the teacher ids as ``sequences`` and their character
 ``offsets``, for ``megatron_mopd.crosstok.align_offsets``.
+
+Generation (``generate``: a served student's rollouts, or a teacher's completions for sequence-level
+KD): one request per prompt (``protocols``: the servers seed all prompts of a request alike), each with
+its own seed drawn from ``(sampling.seed, prompt index)``, sent from the same pool with the same load
+balancing, retries, timeouts and errors as scoring. ``timeout_s`` bounds each wait for data, and a
+server answers a generation only once it is complete: it must exceed the time of the longest one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import random
 import re
@@ -46,6 +53,7 @@ import numpy as np
 import orjson
 import torch
 
+from megatron_mopd.rollout.types import Rollout, SamplingParams
 from megatron_mopd.teachers.protocols import (
     ProtocolName,
     ResponseMismatch,
@@ -223,6 +231,51 @@ class RemoteTeacher:
 
     def score_texts(self, texts: Sequence[str]) -> TeacherLogprobs:
         return self.submit_texts(texts).result()
+
+    # ---- generation --------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
+                 max_total_tokens: Optional[int] = None) -> list[Rollout]:
+        """One completion per prompt (token ids of the served vocabulary), in order; blocks until all came.
+
+        Each ``Rollout`` has the completion ids, the log-probability of each under the server's sampling
+        distribution (as its protocol defines it: ``protocols``), the finish reason and the server's text.
+        Prompt ``i`` is sampled with seed ``mixed_seed(sampling.seed, i)``; its completion has at most
+        ``sampling.max_new_tokens`` tokens, and at most ``max_total_tokens - len(prompt)`` when given.
+
+        Raises:
+            ValueError: a prompt is empty, holds a negative id, or leaves no room within ``max_total_tokens``.
+            TeacherRequestError / TeacherResponseError: as for scoring (module doc), naming the prompt.
+        """
+        prompts = _token_tuples(prompts)
+        budgets = []
+        for index, prompt in enumerate(prompts):
+            room = sampling.max_new_tokens if max_total_tokens is None else \
+                min(sampling.max_new_tokens, max_total_tokens - len(prompt))
+            if not prompt or room < 1:
+                raise ValueError(f"prompt {index} is empty" if not prompt else
+                                 f"prompt {index} has {len(prompt)} tokens: no room for a completion within "
+                                 f"max_total_tokens={max_total_tokens}")
+            budgets.append(dataclasses.replace(sampling, max_new_tokens=room))
+        futures = [self._pool.submit(self._generate_one, index, prompt, budget)
+                   for index, (prompt, budget) in enumerate(zip(prompts, budgets))]
+        try:
+            return [future.result() for future in futures]
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def _generate_one(self, index: int, prompt: tuple[int, ...], sampling: SamplingParams) -> Rollout:
+        """Prompt ``index``'s completion (``sampling`` with its own token budget; its seed is mixed here)."""
+        size = f"1 prompt (prompt {index}: {len(prompt)} tokens, up to {sampling.max_new_tokens} new)"
+        body = self.protocol.generation_request(prompt, sampling, mixed_seed(sampling.seed, index), self.model)
+        server, reply = self._post(body, size)
+        try:
+            generated = self.protocol.parse_generation(reply, prompt, sampling)
+        except ResponseMismatch as mismatch:
+            raise TeacherResponseError(f"{server.url}{self.protocol.path}: bad response to a generation request of "
+                                       f"{size}: {mismatch.what}") from None
+        return Rollout(prompt, generated.ids, generated.logprobs, generated.finish_reason, generated.text)
 
     # ---- start-up and life cycle -----------------------------------------------------------------
 
@@ -459,6 +512,13 @@ class RemoteTeacher:
             return response.status, response.read()
         finally:
             connection.close()
+
+
+def mixed_seed(seed: int, stream: int) -> int:
+    """A 63-bit seed of ``seed`` and a stream number (a prompt's index in its batch, a data-parallel rank):
+    distinct streams get distinct seeds, the same ones the same seed."""
+    state = np.random.SeedSequence([int(seed) & (2**63 - 1), int(stream)]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
 
 
 def _token_tuples(sequences: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:

@@ -6,21 +6,46 @@ subset of the two protocols that docs/design.md §5 reads, with the same numbers
 in-process:
 
 - vLLM: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` with ``prompt`` (token ids, a
-  batch of them, or text), ``prompt_logprobs``, ``max_tokens``, ``temperature``, ``seed``, ``ignore_eos``.
+  batch of them, or text), ``prompt_logprobs``, ``logprobs``, ``max_tokens``, ``temperature``, ``top_p``,
+  ``top_k``, ``seed``, ``stop_token_ids``, ``ignore_eos``, ``return_token_ids``,
+  ``return_tokens_as_token_ids``; the development-mode endpoints a trainer syncs weights with:
+  ``POST /collective_rpc {"method": "reload_weights"}`` (reload the served directory, or
+  ``kwargs.weights_path``), ``POST /reset_prefix_cache`` and ``GET /server_info`` (the JSON form:
+  ``vllm_config.model_config`` with ``model`` and ``logprobs_mode``). They are always served here; vLLM
+  serves them only with ``VLLM_SERVER_DEV_MODE=1``.
 - SGLang: ``POST /generate`` with ``input_ids`` (or ``text``), ``sampling_params`` (``max_new_tokens``,
-  ``temperature``, ``sampling_seed``, ``ignore_eos``), ``return_logprob``, ``logprob_start_len``,
-  ``top_logprobs_num``, ``return_text_in_logprobs``; ``GET /get_model_info``.
+  ``temperature``, ``top_k``, ``sampling_seed``, ``stop_token_ids``, ``ignore_eos``), ``return_logprob``,
+  ``logprob_start_len``, ``top_logprobs_num``, ``return_text_in_logprobs``; ``GET /get_model_info``;
+  ``POST /update_weights_from_disk {"model_path": DIR}`` (answered as SGLang does: ``success``,
+  ``message``, ``num_paused_requests``; 400 with ``success: false`` when the directory cannot be loaded).
 
 The prompts of one request go through one forward (right-padded: a real position never sees a pad,
 so each prompt's logits are those of running it alone); log-probabilities are float32 log_softmax of
 the logits, −inf sent as −9999.0 (as vLLM does; SGLang would send null). ``max_tokens`` > 0 continues
 from the same forward with a KV cache, greedily when the temperature is 0 (< 1e-5, like vLLM), else
-sampling the full distribution at that temperature with one generator per prompt seeded by ``seed``
-(so a prompt's sample does not depend on its batch). Generation stops at an end-of-sequence id of the
-generation config or the tokenizer unless ``ignore_eos``. Generated-token log-probabilities (SGLang's
-``output_*_logprobs``) are those of the raw (τ = 1) distribution. Request options that would change
-the result but are not implemented (``n``, ``top_p``, ``stop``, penalties, ``stream``, ...) are refused
-with 400 rather than ignored.
+sampling at that temperature with one generator per prompt seeded by ``seed`` (so a prompt's sample
+does not depend on its batch; identical prompts with one seed give identical completions, as in vLLM):
+top-k, then top-p (vLLM's order: ties with the k-th logit stay, the most probable id always stays),
+renormalized, one ``torch.multinomial`` draw. Generation stops after an end-of-sequence id of the
+generation config or the tokenizer, or after a ``stop_token_ids`` id (vLLM: ``finish_reason`` "stop",
+``stop_reason`` the id; EOS gives ``stop_reason`` null). ``ignore_eos`` drops the end-of-sequence ids
+(vLLM; SGLang drops the ``stop_token_ids`` too, as SGLang does).
+
+Generated-token log-probabilities are what the real servers return. vLLM (``choices[i].logprobs``:
+``tokens``, ``token_logprobs``, ``top_logprobs`` with the sampled token first, then the top
+``logprobs``, keyed by token text, and ``text_offset``, cumulative token-text lengths): per
+``--logprobs-mode`` as vLLM's option of that name, ``raw_logprobs`` (vLLM's default: log_softmax of the
+logits, before temperature and truncation) or ``processed_logprobs`` (after temperature and top-k/top-p,
+truncated ids −9999.0); in greedy requests both are those of the raw logits.
+``return_tokens_as_token_ids`` writes each token as ``token_id:<id>``; ``return_token_ids`` adds
+``token_ids`` and ``prompt_token_ids`` to every choice (else null). SGLang (``output_*_logprobs``):
+log_softmax(logits / temperature), before truncation (SGLang's default; raw logits when greedy).
+Request options that would change the result but are not implemented (``n``, ``stop``, penalties,
+``stream``, SGLang's ``top_p``, ...) are refused with 400 rather than ignored.
+
+Weight updates load the directory (``AutoModelForCausalLM``) without the model lock, then swap it in
+under the lock: a request runs wholly on the old or wholly on the new weights. The new model must
+have the served vocabulary size.
 
 One lock serializes the model; parsing, the response bodies and ``--delay-ms`` (latency added to each
 scoring/generation request, before it takes the lock) run concurrently on a ``ThreadingHTTPServer``.
@@ -53,21 +78,25 @@ _ROWS_PER_CHUNK = 1024  # rows of float32 log_softmax held at once
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError",
                 500: "InternalServerError"}
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")  # vLLM's --logprobs-mode values served here
+_RELOAD_METHOD = "reload_weights"
+_BODILESS = frozenset({"/reset_prefix_cache"})  # POST endpoints vLLM calls without a body
 # Options whose other values would change the result; refused unless absent, null or one of these.
 _NEUTRAL = {
-    "n": (1,), "best_of": (1,), "stream": (False,), "echo": (False,), "logprobs": (), "suffix": (),
-    "top_p": (1,), "top_k": (-1, 0), "min_p": (0,), "stop": ([], ""), "stop_token_ids": ([],),
-    "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,), "min_tokens": (0,),
-    "min_new_tokens": (0,), "logit_bias": ({},), "regex": (), "json_schema": (), "ebnf": (),
+    "n": (1,), "best_of": (1,), "stream": (False,), "echo": (False,), "suffix": (), "min_p": (0,),
+    "stop": ([], ""), "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
+    "min_tokens": (0,), "min_new_tokens": (0,), "logit_bias": ({},), "regex": (), "json_schema": (), "ebnf": (),
 }
+_SGLANG_NEUTRAL = {**_NEUTRAL, "top_p": (1,), "logprobs": ()}
 
 
 class RequestError(Exception):
-    """A request the server refuses with HTTP ``status`` and ``message``."""
+    """A request the server refuses with HTTP ``status`` and ``message`` (and ``body``, when the real
+    server answers that request with a body of its own instead of its error format)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, body: Optional[dict] = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.body = status, body
 
 
 @dataclass
@@ -89,6 +118,27 @@ class _Rows:
         self.ranks += other.ranks
         self.top_ids += other.top_ids
         self.top_logprobs += other.top_logprobs
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    """How one request generates: ``max_new`` tokens at ``temperature`` (greedy below 1e-5), ``top_k``
+    (0: off) and ``top_p``, per-prompt generators seeded by ``seed`` (None: random), ending after any of
+    ``stop_ids``; generated tokens are scored (top ``output_k``; not when None) under ``logprobs``:
+    "raw" (τ = 1, untruncated), "scaled" (τ, untruncated) or "processed" (τ, truncated)."""
+
+    max_new: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop_ids: frozenset[int] = frozenset()
+    output_k: Optional[int] = None
+    logprobs: str = "raw"
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_BELOW
 
 
 @dataclass
@@ -138,11 +188,36 @@ def _option(body: dict, key: str, default: Any, kind: str) -> Any:
     return float(value) if kind == "number" else value
 
 
-def _refuse_unsupported(body: dict) -> None:
-    for key, neutral in _NEUTRAL.items():
+def _refuse_unsupported(body: dict, neutral_values: dict[str, tuple] = _NEUTRAL) -> None:
+    for key, neutral in neutral_values.items():
         value = body.get(key)
         if value is not None and value not in neutral:
             raise RequestError(f"'{key}'={value!r} is not supported by this reference server")
+
+
+def _token_ids(body: dict, key: str) -> frozenset[int]:
+    """``body[key]``: a list of token ids (absent or null: none)."""
+    value = body.get(key)
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list) or not all(_is_int(v) and v >= 0 for v in value):
+        raise RequestError(f"'{key}' must be a list of token ids, got {value!r}")
+    return frozenset(value)
+
+
+def _truncated(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """``logits`` [B, V] with the ids outside the top-k, then outside the top-p nucleus, at −inf
+    (vLLM's ``apply_top_k_top_p``: ties with the k-th largest stay; the most probable id always stays)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = logits.sort(dim=-1)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
 
 
 class TeacherServer:
@@ -164,17 +239,22 @@ class TeacherServer:
         delay_ms: float = 0.0,
         dtype: str = "float32",
         device: str = "cpu",
+        logprobs_mode: str = "raw_logprobs",
     ) -> None:
         if max_logprobs < 0 or delay_ms < 0:
             raise ValueError(f"max_logprobs ({max_logprobs}) and delay_ms ({delay_ms}) must be ≥ 0")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise ValueError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
         self.model_name = served_model_name or str(model_dir)
         self.max_logprobs = max_logprobs
         self.delay_s = delay_ms / 1000
+        self.logprobs_mode = logprobs_mode
         self._model_dir = str(model_dir)
+        self._dtype = _DTYPES[dtype]
         self._device = torch.device(device)
         self._model, self._tokenizer = _load(self._model_dir, _DTYPES[dtype], self._device)
         config = self._model.config
@@ -191,6 +271,10 @@ class TeacherServer:
             ("GET", "/get_model_info"): self._model_info,
             ("POST", "/v1/completions"): self._completions,
             ("POST", "/generate"): self._generate,
+            ("POST", "/update_weights_from_disk"): self._update_weights_from_disk,
+            ("POST", "/collective_rpc"): self._collective_rpc,
+            ("POST", "/reset_prefix_cache"): lambda _: ({"success": True}, ""),  # no prefix cache here
+            ("GET", "/server_info"): self._server_info,
         }
         self._lock = threading.Lock()  # the model
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer may fail when used by two threads at once
@@ -256,7 +340,7 @@ class TeacherServer:
             request = None
             if method == "POST":
                 try:
-                    request = orjson.loads(body)
+                    request = orjson.loads(body) if body or path not in _BODILESS else {}
                 except orjson.JSONDecodeError as error:
                     raise RequestError(f"the request body is not valid JSON: {error}") from None
                 if not isinstance(request, dict):
@@ -265,6 +349,8 @@ class TeacherServer:
             payload, summary = route(request)
             return 200, b"" if payload is None else orjson.dumps(payload), summary
         except RequestError as error:
+            if error.body is not None:
+                return error.status, orjson.dumps(error.body), str(error)
             status, message = error.status, str(error)
         except Exception as error:  # the model failed: report it, keep serving
             log.exception("%s %s failed", method, path)
@@ -283,6 +369,59 @@ class TeacherServer:
     def _model_info(self, _: Any) -> tuple[dict, str]:
         return {"model_path": self._model_dir, "tokenizer_path": self._model_dir, "is_generation": True}, ""
 
+    def _server_info(self, _: Any) -> tuple[dict, str]:
+        """vLLM's ``/server_info?config_format=json``, the fields a trainer reads."""
+        model_config = {"model": self._model_dir, "logprobs_mode": self.logprobs_mode,
+                        "max_logprobs": self.max_logprobs, "max_model_len": self.max_model_len}
+        return {"vllm_config": {"model_config": model_config}, "vllm_env": {}, "system_env": {}}, ""
+
+    # -- weight updates -------------------------------------------------------------------------------
+
+    def reload(self, model_dir: Optional[str] = None) -> str:
+        """Load the weights of ``model_dir`` (default: the served directory), which becomes the served
+        directory, and swap them in; returns a summary. Raises ``RequestError`` when it cannot be loaded."""
+        model_dir = self._model_dir if model_dir is None else str(model_dir)
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise RequestError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+        began = time.perf_counter()
+        try:
+            model, _ = _load(model_dir, self._dtype, self._device)
+        except Exception as error:  # a half-written or foreign directory: the served weights stay
+            raise RequestError(f"loading {model_dir} failed: {type(error).__name__}: {error}") from None
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        if vocab_size != self.vocab_size:
+            raise RequestError(f"{model_dir} has a vocabulary of {vocab_size} ids; the served model has "
+                               f"{self.vocab_size}")
+        with self._lock:
+            self._model, self._model_dir = model, model_dir
+        return f"reloaded {model_dir} in {time.perf_counter() - began:.2f} s"
+
+    def _update_weights_from_disk(self, body: dict) -> tuple[dict, str]:
+        """SGLang ``/update_weights_from_disk``: ``{"success", "message", "num_paused_requests"}``."""
+        model_path = body.get("model_path")
+        try:
+            if not isinstance(model_path, str) or not model_path:
+                raise RequestError(f"'model_path' must be a directory, got {model_path!r}")
+            summary = self.reload(model_path)
+        except RequestError as error:
+            message = f"Failed to update weights: {error}.\nRolling back to original weights."
+            raise RequestError(message, 400, {"success": False, "message": message,
+                                              "num_paused_requests": 0}) from None
+        return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}, summary
+
+    def _collective_rpc(self, body: dict) -> tuple[dict, str]:
+        """vLLM's development-mode ``/collective_rpc``: only ``reload_weights`` (one worker's result)."""
+        method = body.get("method")
+        if method is None:
+            raise RequestError("Missing 'method' in request body")
+        if method != _RELOAD_METHOD:
+            raise RequestError(f"method {method!r} is not supported by this reference server (only "
+                               f"{_RELOAD_METHOD!r})")
+        kwargs = body.get("kwargs") or {}
+        if not isinstance(kwargs, dict) or set(kwargs) - {"weights_path"}:
+            raise RequestError(f"reload_weights takes only kwargs.weights_path here, got {kwargs!r}")
+        return {"results": [None]}, self.reload(kwargs.get("weights_path"))
+
     def _completions(self, body: dict) -> tuple[dict, str]:
         """vLLM ``/v1/completions``: ``choices[i].prompt_logprobs`` as vLLM writes them (module doc)."""
         _refuse_unsupported(body)
@@ -298,13 +437,30 @@ class TeacherServer:
                 raise RequestError(f"'prompt_logprobs' must be ≥ 0, got {k}")
             raise RequestError(f"Requested prompt logprobs of {k}, which is greater than max allowed: "
                                f"{self.max_logprobs}")
-        max_new = _option(body, "max_tokens", 16, "int")
-        results = self._run(prompts, k, max_new, _option(body, "temperature", 1.0, "number"),
-                            _option(body, "seed", None, "int"), _option(body, "ignore_eos", False, "bool"), None)
+        output_k = _option(body, "logprobs", None, "int")
+        if output_k is not None and not 0 <= output_k <= self.max_logprobs:
+            if output_k < 0:
+                raise RequestError(f"'logprobs' must be ≥ 0, got {output_k}")
+            raise RequestError(f"Requested sample logprobs of {output_k}, which is greater than max allowed: "
+                               f"{self.max_logprobs}")
+        stop_token_ids = _token_ids(body, "stop_token_ids")
+        eos_ids = frozenset() if _option(body, "ignore_eos", False, "bool") else self._eos_ids
+        top_k = _option(body, "top_k", 0, "int")
+        sampling = _Sampling(
+            max_new=_option(body, "max_tokens", 16, "int"), temperature=_option(body, "temperature", 1.0, "number"),
+            top_k=0 if top_k == -1 else top_k, top_p=_option(body, "top_p", 1.0, "number"),
+            seed=_option(body, "seed", None, "int"), stop_ids=stop_token_ids | eos_ids, output_k=output_k,
+            logprobs="processed" if self.logprobs_mode == "processed_logprobs" else "raw")
+        results = self._run(prompts, k, sampling)
+        as_ids = _option(body, "return_tokens_as_token_ids", False, "bool")
+        with_ids = _option(body, "return_token_ids", False, "bool")
         choices = [{
-            "index": i, "text": self._decode(r.output), "logprobs": None,
-            "finish_reason": "stop" if r.stopped else "length", "stop_reason": None,
+            "index": i, "text": self._decode(r.output),
+            "logprobs": None if output_k is None else self._vllm_logprobs(r.output, r.output_rows, as_ids),
+            "finish_reason": "stop" if r.stopped else "length",
+            "stop_reason": r.output[-1] if r.stopped and r.output[-1] in stop_token_ids - eos_ids else None,
             "prompt_logprobs": None if r.prompt_rows is None else self._vllm_prompt_logprobs(p, r.prompt_rows),
+            "prompt_token_ids": p if with_ids else None, "token_ids": r.output if with_ids else None,
         } for i, (p, r) in enumerate(zip(prompts, results))]
         prompt_tokens, generated = sum(map(len, prompts)), sum(len(r.output) for r in results)
         usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + generated,
@@ -312,6 +468,21 @@ class TeacherServer:
         response = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                     "model": self.model_name, "choices": choices, "usage": usage}
         return response, f"{len(prompts)} prompts, {prompt_tokens} tokens, K={k}, {generated} generated"
+
+    def _vllm_logprobs(self, output: list[int], rows: Optional[_Rows], as_ids: bool) -> dict[str, list]:
+        """vLLM's ``choices[i].logprobs`` of the generated tokens: each token's text (``token_id:<id>``
+        with ``as_ids``), its log-probability, ``{text: logprob}`` of it and then the top K (a text
+        twice keeps its first place), and the text offsets (cumulative token-text lengths)."""
+        assert rows is not None
+        name = (lambda i: f"token_id:{i}") if as_ids else (lambda i: self._texts[i] or "")
+        tokens = [name(token) for token in output]
+        tops = []
+        for token, logprob, top_ids, top_logprobs in zip(output, rows.logprobs, rows.top_ids, rows.top_logprobs):
+            top = {name(token): logprob}
+            top.update((name(i), v) for i, v in zip(top_ids, top_logprobs))
+            tops.append(top)
+        offsets = [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+        return {"text_offset": offsets, "token_logprobs": rows.logprobs, "tokens": tokens, "top_logprobs": tops}
 
     def _vllm_prompt_logprobs(self, prompt: list[int], rows: _Rows) -> list[Optional[dict]]:
         """One dict per prompt token after the first: the actual token (its true rank) then the top K."""
@@ -326,7 +497,7 @@ class TeacherServer:
 
     def _generate(self, body: dict) -> tuple[Any, str]:
         """SGLang ``/generate``: a list of results, or one result for one non-nested input."""
-        _refuse_unsupported(body)
+        _refuse_unsupported(body, _SGLANG_NEUTRAL)
         if ("input_ids" in body) == ("text" in body):
             raise RequestError("exactly one of 'input_ids' and 'text' is required")
         key = "input_ids" if "input_ids" in body else "text"
@@ -334,7 +505,7 @@ class TeacherServer:
         sampling = body.get("sampling_params") or {}
         if not isinstance(sampling, dict):
             raise RequestError(f"'sampling_params' must be an object, got {sampling!r}")
-        _refuse_unsupported(sampling)
+        _refuse_unsupported(sampling, _SGLANG_NEUTRAL)
         return_logprob = _option(body, "return_logprob", False, "bool")
         start = _option(body, "logprob_start_len", -1, "int")
         k = _option(body, "top_logprobs_num", 0, "int")
@@ -345,10 +516,16 @@ class TeacherServer:
             raise RequestError(f"'logprob_start_len' must be ≥ -1, got {start}")
         with_text = _option(body, "return_text_in_logprobs", False, "bool")
         max_new = _option(sampling, "max_new_tokens", 128, "int")
-        results = self._run(prompts, k if return_logprob else None, max_new,
-                            _option(sampling, "temperature", 1.0, "number"),
-                            _option(sampling, "sampling_seed", None, "int"),
-                            _option(sampling, "ignore_eos", False, "bool"), k if return_logprob else None)
+        top_k = _option(sampling, "top_k", -1, "int")
+        if top_k == 0 or top_k < -1:
+            raise RequestError(f"top_k must be -1 (disable) or at least 1, got {top_k}.")
+        stops = frozenset() if _option(sampling, "ignore_eos", False, "bool") else \
+            _token_ids(sampling, "stop_token_ids") | self._eos_ids
+        temperature = 0.0 if top_k == 1 else _option(sampling, "temperature", 1.0, "number")  # SGLang: greedy
+        results = self._run(prompts, k if return_logprob else None, _Sampling(
+            max_new=max_new, temperature=temperature, top_k=max(top_k, 0),
+            seed=_option(sampling, "sampling_seed", None, "int"), stop_ids=stops,
+            output_k=k if return_logprob else None, logprobs="scaled"))
         texts = self._texts if with_text else [None] * self.vocab_size
         out = []
         for prompt, r in zip(prompts, results):
@@ -400,27 +577,28 @@ class TeacherServer:
 
     # -- the model ------------------------------------------------------------------------------------
 
-    def _run(self, prompts: list[list[int]], k: Optional[int], max_new: int, temperature: float,
-             seed: Optional[int], ignore_eos: bool, output_k: Optional[int]) -> list[_Result]:
-        """Score the prompts (top ``k`` per position; not when None) and generate ``max_new`` tokens each
-        (scored with top ``output_k``; not when None), all in one batch."""
-        if max_new < 0:
-            raise RequestError(f"the number of tokens to generate must be ≥ 0, got {max_new}")
-        if temperature < 0:
-            raise RequestError(f"'temperature' must be ≥ 0, got {temperature}")
-        if seed is not None and not -2**63 <= seed < 2**64:
-            raise RequestError(f"the seed must be in [-2**63, 2**64), got {seed}")
+    def _run(self, prompts: list[list[int]], k: Optional[int], sampling: _Sampling) -> list[_Result]:
+        """Score the prompts (top ``k`` per position; not when None) and generate from them, all in one batch."""
+        if sampling.max_new < 0:
+            raise RequestError(f"the number of tokens to generate must be ≥ 0, got {sampling.max_new}")
+        if sampling.temperature < 0:
+            raise RequestError(f"'temperature' must be ≥ 0, got {sampling.temperature}")
+        if not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
+            raise RequestError(f"need top_p in (0, 1] and top_k ≥ 0 (-1: off); got {sampling.top_p}, "
+                               f"{sampling.top_k}")
+        if sampling.seed is not None and not -2**63 <= sampling.seed < 2**64:
+            raise RequestError(f"the seed must be in [-2**63, 2**64), got {sampling.seed}")
         longest = max(map(len, prompts))
-        if self.max_model_len is not None and longest + max_new > self.max_model_len:
+        if self.max_model_len is not None and longest + sampling.max_new > self.max_model_len:
             raise RequestError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                               f"requested {longest + max_new} tokens ({longest} in the messages, {max_new} in "
-                               f"the completion). Please reduce the length of the messages or completion.")
+                               f"requested {longest + sampling.max_new} tokens ({longest} in the messages, "
+                               f"{sampling.max_new} in the completion). Please reduce the length of the messages "
+                               f"or completion.")
         with self._lock:
-            return self._forward(prompts, k, max_new, temperature, seed, ignore_eos, output_k)
+            return self._forward(prompts, k, sampling)
 
     @torch.inference_mode()
-    def _forward(self, prompts: list[list[int]], k: Optional[int], max_new: int, temperature: float,
-                 seed: Optional[int], ignore_eos: bool, output_k: Optional[int]) -> list[_Result]:
+    def _forward(self, prompts: list[list[int]], k: Optional[int], sampling: _Sampling) -> list[_Result]:
         device, batch = self._device, len(prompts)
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         ids = torch.zeros(batch, int(lengths.max()), dtype=torch.long)
@@ -428,28 +606,35 @@ class TeacherServer:
             ids[b, :len(prompt)] = torch.tensor(prompt)
         ids = ids.to(device)
         mask = (torch.arange(ids.shape[1], device=device) < lengths[:, None]).long()
-        out = self._model(input_ids=ids, attention_mask=mask, use_cache=max_new > 1)
+        out = self._model(input_ids=ids, attention_mask=mask, use_cache=sampling.max_new > 1)
         results = [_Result(None if k is None else _score(out.logits[b, :len(p) - 1], ids[b, 1:len(p)], k), [],
-                           None if output_k is None else _Rows.empty(), False) for b, p in enumerate(prompts)]
-        if max_new == 0:
+                           None if sampling.output_k is None else _Rows.empty(), False)
+                   for b, p in enumerate(prompts)]
+        if sampling.max_new == 0:
             return results
         logits = out.logits[torch.arange(batch, device=device), lengths - 1]
         generators = None
-        if temperature >= _GREEDY_BELOW:
+        if not sampling.greedy:
             generators = [torch.Generator(device) for _ in prompts]
             for generator in generators:
-                if seed is None:
+                if sampling.seed is None:
                     generator.seed()
                 else:
-                    generator.manual_seed(seed)
+                    generator.manual_seed(sampling.seed)
         cache, positions, live = out.past_key_values, lengths.clone(), list(range(batch))
-        for step in range(max_new):
+        for step in range(sampling.max_new):
+            raw = logits.float()
+            scaled = raw if sampling.greedy else raw / sampling.temperature
+            truncated = scaled if sampling.greedy else _truncated(scaled, sampling.top_k, sampling.top_p)
             if generators is None:
-                tokens = logits.argmax(-1)
+                tokens = raw.argmax(-1)
             else:
-                probs = (logits.float() / temperature).softmax(-1)
+                probs = truncated.softmax(-1)
                 tokens = torch.cat([torch.multinomial(probs[b], 1, generator=generators[b]) for b in range(batch)])
-            scored = None if output_k is None else _score(logits, tokens, output_k)
+            scored = None
+            if sampling.output_k is not None:
+                scored = _score({"raw": raw, "scaled": scaled, "processed": truncated}[sampling.logprobs], tokens,
+                                sampling.output_k)
             chosen = tokens.tolist()
             for b in list(live):
                 result, token = results[b], chosen[b]
@@ -457,10 +642,10 @@ class TeacherServer:
                 if scored is not None:
                     result.output_rows.extend(_Rows(scored.logprobs[b:b + 1], scored.ranks[b:b + 1],
                                                     scored.top_ids[b:b + 1], scored.top_logprobs[b:b + 1]))
-                if token in self._eos_ids and not ignore_eos:
+                if token in sampling.stop_ids:
                     result.stopped = True
                     live.remove(b)
-            if not live or step == max_new - 1:
+            if not live or step == sampling.max_new - 1:
                 break
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], 1)
             out = self._model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
@@ -570,6 +755,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="(default float32)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default cpu)")
+    parser.add_argument(
+        "--logprobs-mode", choices=LOGPROBS_MODES, default="raw_logprobs",
+        help="vLLM's option: the generated tokens' log-probabilities before temperature and truncation "
+             "(raw_logprobs, vLLM's default) or after both (processed_logprobs)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -583,6 +773,7 @@ def run(args: argparse.Namespace) -> int:
         delay_ms=args.delay_ms,
         dtype=args.dtype,
         device=args.device,
+        logprobs_mode=args.logprobs_mode,
     ).serve_forever()
     return 0
 

@@ -34,6 +34,8 @@ TAILS = ("tail", "renorm")
 ROUTINGS = ("weights", "domain")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16")
+ROLLOUT_ENGINES = ("megatron", "server")
+ROLLOUT_SERVERS = ("reference", "vllm")
 
 
 REQUIRED = "???"  # OmegaConf's mandatory value: loading fails naming the key unless it is set
@@ -216,15 +218,30 @@ class TeacherConfig:
 
 @dataclass
 class RolloutConfig:
-    """Where completions come from: the dataset, or the student's own samples (on-policy)."""
+    """Where completions come from: the dataset, the student's own samples (on-policy) or a teacher's."""
 
-    lmbda: float = _help("probability that a step samples its completions from the student (on-policy, the "
-                         "Megatron-native engine); 0: dataset completions", 0.0)
-    seq_kd: bool = _help("a teacher generates the completions (sequence-level KD; not available yet)", False)
+    lmbda: float = _help("probability that a step samples its completions from the student (on-policy); 0: "
+                         "dataset completions", 0.0)
+    seq_kd: bool = _help("on the steps that are not on-policy, a remote teacher generates the completions "
+                         "(sequence-level KD; routing=domain: each sample's teacher, else the first remote one)", False)
     temperature: float = _help("sampling temperature", 1.0)
     top_p: float = _help("nucleus sampling", 1.0)
     top_k: int = _help("top-k sampling (0: off)", 0)
     max_new_tokens: int = _help("completion length limit", 256)
+    engine: str = _help("megatron (the student samples inside the training processes) or server (inference "
+                        "servers serve the student; its weights are pushed to them before sampling)", "megatron")
+    protocol: str = _help("server engine: vllm or sglang, the servers' protocol", "vllm")
+    urls: List[str] = _help("server engine: servers you run, loading their weights from served_dir (vLLM with "
+                            "VLLM_SERVER_DEV_MODE=1); empty: the trainer starts rollout.server on each node", list, list)
+    served_dir: Optional[str] = _help("server engine: the directory the student's weights are pushed to and the "
+                                      "servers load (default: output_dir/rollout_model)", None)
+    server: str = _help("server engine without urls: the server the trainer starts, reference (mopd "
+                        "serve-teacher) or vllm (needs vLLM installed)", "reference")
+    timeout_s: float = _help("server engine: seconds per request before a retry (more than the longest "
+                             "generation takes)", 600.0)
+    retries: int = _help("server engine: retries of a failed request", 3)
+    wait_for_servers_s: float = _help("server engine: how long to wait for the servers to start and become "
+                                      "healthy (vLLM takes minutes on a CPU)", 900.0)
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.lmbda <= 1.0, f"rollout.lmbda must be in [0, 1], got {self.lmbda}")
@@ -232,6 +249,31 @@ class RolloutConfig:
         _require(0.0 < self.top_p <= 1.0, "rollout.top_p must be in (0, 1]")
         _require(self.top_k >= 0, "rollout.top_k must be >= 0")
         _require(self.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+        for name, allowed in (("engine", ROLLOUT_ENGINES), ("protocol", PROTOCOLS), ("server", ROLLOUT_SERVERS)):
+            _require(getattr(self, name) in allowed,
+                     f"rollout.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        _require(self.timeout_s > 0 and self.retries >= 0 and self.wait_for_servers_s >= 0,
+                 "rollout: need timeout_s > 0, retries >= 0 and wait_for_servers_s >= 0")
+        if self.engine != "server" or self.urls:
+            return
+        _require(self.server != "vllm" or self.protocol == "vllm",
+                 "rollout.server=vllm speaks the vllm protocol: set rollout.protocol=vllm")
+        _require(self.server != "reference" or self.protocol == "vllm" or self.top_p == 1.0,
+                 "rollout.server=reference does not implement top_p in the sglang protocol: set rollout.protocol=vllm")
+        if self.protocol == "vllm":
+            from megatron_mopd.rollout.server_engine import logprobs_mode_for
+
+            try:
+                logprobs_mode_for(self.sampling())
+            except ValueError as error:
+                raise ConfigError(f"rollout: {error}") from None
+
+    def sampling(self) -> Any:
+        """The ``SamplingParams`` of this section (no stop token, seed 0)."""
+        from megatron_mopd.rollout.types import SamplingParams
+
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=self.max_new_tokens)
 
 
 @dataclass

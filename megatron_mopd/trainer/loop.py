@@ -9,8 +9,10 @@ What goes into ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl`` (``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +100,6 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
     _check_teacher_vocabularies(config, tokenizer)
     trainee = _build_trainee(config, arch, tokenizer, layout, report_say)
     samples_student = config.rollout.lmbda > 0 or held_out is not None
-    engine = _rollout_engine(config, arch, trainee) if samples_student else None
     vocabulary = CanonicalVocabulary.of(tokenizer) if samples_student or config.rollout.seq_kd else None
 
     start_step = 0
@@ -121,8 +122,12 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
     logger = None
     began = time.perf_counter()
     try:
-        with open_teachers(config.teachers, fetching=layout.fetching, log_dir=output_dir / "logs",
-                           colocated=lambda t: _colocated_teacher(t, config, arch, trainee), say=report_say) as clients:
+        with contextlib.ExitStack() as engine_scope, open_teachers(
+                config.teachers, fetching=layout.fetching, log_dir=output_dir / "logs",
+                colocated=lambda t: _colocated_teacher(t, config, arch, trainee), say=report_say) as clients:
+            engine = _rollout_engine(config, arch, trainee) if samples_student else None
+            if isinstance(engine, contextlib.AbstractContextManager):
+                engine_scope.enter_context(engine)  # stops the servers it started, after the teachers'
             teachers = [StepTeacher(t, clients[t.name], cross_sides.get(t.name)) for t in config.teachers]
             sources = StepSources(config, tokenizer, vocabulary, engine, clients,
                                   {name: side.tokenizer for name, side in cross_sides.items()}, layout.fetching)
@@ -184,6 +189,7 @@ def _share_cpu_cores(config: MopdConfig) -> None:
     if "OMP_NUM_THREADS" in os.environ:
         return
     servers = sum(t.placement == "remote" and not t.urls for t in config.teachers)
+    servers += config.rollout.engine == "server" and not config.rollout.urls
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) + servers
     threads = max(1, (os.cpu_count() or 1) // processes)
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -401,11 +407,55 @@ def _colocated_teacher(teacher, config: MopdConfig, arch, trainee):
 
 
 def _rollout_engine(config: MopdConfig, arch, trainee):
-    """The Megatron-native engine: samples from the live student (its current weights) on every rank."""
-    from megatron_mopd.rollout import MegatronRolloutEngine
+    """The engine of ``rollout.engine``. ``megatron``: samples from the live student on every rank.
+    ``server``: inference servers serve the student (``rollout.urls``, or, without urls, ``rollout.server``
+    started by local rank 0 of each node on ``served_dir`` after a first export of the student); its
+    weights are pushed whenever the optimizer stepped since the last push. Collective. The server engine
+    is a context manager: leaving it stops the servers started here."""
+    from transformers import AutoTokenizer
 
-    return MegatronRolloutEngine(trainee.model[0], vocab_size=arch.vocab_size, pad_token_id=trainee.pad_id,
-                                 max_sequence_length=config.data.seq_length)
+    from megatron_mopd.rollout import MegatronRolloutEngine
+    from megatron_mopd.rollout.server_engine import (
+        DiskWeightSync, ServerRolloutEngine, export_served, logprobs_mode_for)
+    from megatron_mopd.teachers.server_process import teacher_server_process, vllm_server_process
+    from megatron_mopd.trainer.teachers import served_on_each_node
+
+    rollout = config.rollout
+    if rollout.engine == "megatron":
+        return MegatronRolloutEngine(trainee.model[0], vocab_size=arch.vocab_size, pad_token_id=trainee.pad_id,
+                                     max_sequence_length=config.data.seq_length)
+    served_dir = Path(rollout.served_dir or Path(config.output_dir) / "rollout_model")
+    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
+    fields = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+    urls, all_urls, servers = list(rollout.urls), list(rollout.urls), contextlib.ExitStack()
+    if not urls:
+        export_served(trainee.model[0], arch, served_dir, tokenizer=tokenizer, hf_config_fields=fields)
+        log_path = Path(config.output_dir) / "logs" / f"rollout-{rollout.server}-{socket.gethostname()}.log"
+        mode = logprobs_mode_for(rollout.sampling()) if rollout.protocol == "vllm" else "raw_logprobs"
+
+        def start():
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            if rollout.server == "vllm":
+                return vllm_server_process(served_dir, "--logprobs-mode", mode, "--max-model-len",
+                                           str(config.data.seq_length), log_path=log_path,
+                                           startup_timeout_s=rollout.wait_for_servers_s)
+            return teacher_server_process(served_dir, "--logprobs-mode", mode, log_path=log_path,
+                                          startup_timeout_s=rollout.wait_for_servers_s)
+
+        node_url, all_urls = servers.enter_context(
+            served_on_each_node(start, f"rollout.server={rollout.server} on {served_dir}"))
+        urls = [node_url]
+    sync = DiskWeightSync(served_dir, all_urls, rollout.protocol, arch, tokenizer=tokenizer, hf_config_fields=fields,
+                          timeout_s=rollout.timeout_s)
+    try:
+        return ServerRolloutEngine(
+            trainee.model[0], urls=urls, protocol=rollout.protocol, weight_sync=sync,
+            weights_version=lambda: trainee.scheduler.num_steps, vocab_size=arch.vocab_size,
+            max_sequence_length=config.data.seq_length, timeout_s=rollout.timeout_s, retries=rollout.retries,
+            wait_for_servers_s=rollout.wait_for_servers_s, servers=servers)
+    except BaseException:
+        servers.close()
+        raise
 
 
 def _resume_path(config: MopdConfig, output_dir: Path, latest_checkpoint) -> Optional[Path]:

@@ -12,14 +12,15 @@ stage's tensor/context-parallel rank 0 of each data-parallel rank) hold a client
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch.distributed as dist
 
 from megatron_mopd.teachers import RemoteTeacher, TeacherError
-from megatron_mopd.teachers.server_process import teacher_server_process
+from megatron_mopd.teachers.server_process import ServerProcess, teacher_server_process
 from megatron_mopd.trainer.config import TeacherConfig
 
 
@@ -64,30 +65,37 @@ def open_teachers(
 @contextlib.contextmanager
 def _self_served(config: TeacherConfig, log_dir: Path, say) -> Iterator[list[str]]:
     """Local rank 0 of each node serves ``config.model``; every rank gets its node's URL."""
-    import os
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    host = socket.gethostname()
-    starting = local_rank == 0
-    if starting:
-        say(f"teacher {config.name}: starting the reference server on {config.model}")
-    log_path = log_dir / f"teacher-{config.name}-{host}.log"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"teacher-{config.name}-{socket.gethostname()}.log"
     flags = ("--max-logprobs", str(config.topk), "--served-model-name", config.name)
-    server_context = (teacher_server_process(config.model, *flags, log_path=log_path,
-                                             startup_timeout_s=config.wait_for_servers_s)
-                      if starting else contextlib.nullcontext())
+
+    def start() -> ContextManager[ServerProcess]:
+        say(f"teacher {config.name}: starting the reference server on {config.model}")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        return teacher_server_process(config.model, *flags, log_path=log_path,
+                                      startup_timeout_s=config.wait_for_servers_s)
+
+    with served_on_each_node(start, f"teacher {config.name!r}: the server for {config.model}") as (node_url, _):
+        yield [node_url]
+
+
+@contextlib.contextmanager
+def served_on_each_node(start: Callable[[], ContextManager[ServerProcess]], what: str
+                        ) -> Iterator[tuple[str, list[str]]]:
+    """Local rank 0 of each node enters ``start()`` (a server process); every rank gets its node's URL and
+    every node's URLs. Collective; a server that does not start fails every rank with ``what`` named."""
+    starting = int(os.environ.get("LOCAL_RANK", "0")) == 0
     error: Optional[str] = None
     with contextlib.ExitStack() as stack:
         server = None
-        try:
-            server = stack.enter_context(server_context)
-        except RuntimeError as caught:
-            error = f"teacher {config.name!r}: the server for {config.model} did not start: {caught}"
+        if starting:
+            try:
+                server = stack.enter_context(start())
+            except RuntimeError as caught:
+                error = f"{what} did not start: {caught}"
         gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (host, server.url if server else None, error))
+        dist.all_gather_object(gathered, (socket.gethostname(), server.url if server else None, error))
         errors = [e for _, _, e in gathered if e]
         if errors:
             raise RuntimeError(errors[0])
-        node_urls = {h: url for h, url, _ in gathered if url}
-        yield [node_urls[host]]
+        node_urls = {host: url for host, url, _ in gathered if url}
+        yield node_urls[socket.gethostname()], sorted(set(node_urls.values()))
