@@ -83,3 +83,16 @@ def test_a_teacher_whose_vocabulary_does_not_fit_is_refused_before_training(conf
 ])
 def test_other_commands_report_bad_paths_in_one_line(args, pattern) -> None:
     assert_one_line_error(mopd(*args), args[0], pattern)
+
+
+def test_the_demo_verdict_requires_every_teachers_held_out_divergence_to_halve() -> None:
+    from megatron_mopd.demo import verdict
+
+    def report(**ends: float) -> dict:
+        return {"eval": {}, "teachers": {name: {"divergence_start": 1.0, "divergence_end": end}
+                                         for name, end in ends.items()}}
+
+    assert verdict(report(arith=0.4, prose=0.5)).startswith("verdict: met")
+    assert verdict(report(arith=0.4, prose=0.6)).startswith("verdict: NOT met")
+    assert "prose 1.000 -> 0.600 (-40%)" in verdict(report(arith=0.4, prose=0.6))
+    assert "nothing to judge" in verdict({"teachers": {}})
