@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megatron_mopd.rollout.types import Rollout, SamplingParams
+from megatron_mopd.rollout.types import Rollout, SamplingParams, checked_prompts
 
 __all__ = ["MegatronRolloutEngine"]
 
@@ -127,17 +127,7 @@ class MegatronRolloutEngine:
             ValueError: a prompt is empty, holds an id outside the vocabulary, or leaves no room for a
                 completion within ``max_sequence_length``.
         """
-        prompts = [tuple(int(token) for token in prompt) for prompt in prompts]
-        for index, prompt in enumerate(prompts):
-            if not prompt:
-                raise ValueError(f"prompt {index} is empty")
-            if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-                raise ValueError(f"prompt {index} holds an id outside [0, {self.vocab_size})")
-            if len(prompt) >= self.max_sequence_length:
-                raise ValueError(
-                    f"prompt {index} has {len(prompt)} tokens; max_sequence_length={self.max_sequence_length} "
-                    "leaves no room for a completion: raise it or shorten the prompt"
-                )
+        prompts = checked_prompts(prompts, self.vocab_size, self.max_sequence_length)
         if not prompts:
             return []
         with self._generation_mode(), torch.no_grad():

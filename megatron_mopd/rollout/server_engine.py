@@ -68,7 +68,7 @@ from urllib.parse import urlsplit
 import orjson
 import torch.distributed as dist
 
-from megatron_mopd.rollout.types import Rollout, SamplingParams
+from megatron_mopd.rollout.types import Rollout, SamplingParams, checked_prompts
 
 __all__ = ["DiskWeightSync", "ServerRolloutEngine", "WeightSync", "export_served", "logprobs_mode_for",
            "server_logprobs_mode"]
@@ -326,16 +326,7 @@ class ServerRolloutEngine:
             RuntimeError: the weights could not be pushed, or sampling failed on some replica (the
                 message names the replica and the cause: the server, the attempts, the fix).
         """
-        prompts = [tuple(int(token) for token in prompt) for prompt in prompts]
-        for index, prompt in enumerate(prompts):
-            if not prompt:
-                raise ValueError(f"prompt {index} is empty")
-            if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-                raise ValueError(f"prompt {index} holds an id outside [0, {self.vocab_size})")
-            if len(prompt) >= self.max_sequence_length:
-                raise ValueError(f"prompt {index} has {len(prompt)} tokens; max_sequence_length="
-                                 f"{self.max_sequence_length} leaves no room for a completion: raise it or shorten "
-                                 "the prompt")
+        prompts = checked_prompts(prompts, self.vocab_size, self.max_sequence_length)
         _check_semantics(self.protocol, self.logprobs_mode, sampling)
         version = self.weights_version()
         if version != self.pushed_version:

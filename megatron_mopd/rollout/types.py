@@ -82,3 +82,23 @@ class RolloutEngine(Protocol):
     """
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Rollout]: ...
+
+
+def checked_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_sequence_length: int
+                    ) -> list[tuple[int, ...]]:
+    """``prompts`` as tuples of ints, each checked to be non-empty, inside ``[0, vocab_size)`` and
+    shorter than ``max_sequence_length`` (room for one completion token).
+
+    Raises:
+        ValueError: naming the first prompt that is not.
+    """
+    checked = [tuple(int(token) for token in prompt) for prompt in prompts]
+    for index, prompt in enumerate(checked):
+        if not prompt:
+            raise ValueError(f"prompt {index} is empty")
+        if min(prompt) < 0 or max(prompt) >= vocab_size:
+            raise ValueError(f"prompt {index} holds an id outside [0, {vocab_size})")
+        if len(prompt) >= max_sequence_length:
+            raise ValueError(f"prompt {index} has {len(prompt)} tokens; max_sequence_length={max_sequence_length} "
+                             "leaves no room for a completion: raise it or shorten the prompt")
+    return checked

@@ -431,18 +431,8 @@ class TeacherServer:
         if "prompt" not in body:
             raise RequestError("'prompt' is required")
         prompts, _ = self._prompts(body["prompt"], "prompt")
-        k = _option(body, "prompt_logprobs", None, "int")
-        if k is not None and not 0 <= k <= self.max_logprobs:
-            if k < 0:
-                raise RequestError(f"'prompt_logprobs' must be ≥ 0, got {k}")
-            raise RequestError(f"Requested prompt logprobs of {k}, which is greater than max allowed: "
-                               f"{self.max_logprobs}")
-        output_k = _option(body, "logprobs", None, "int")
-        if output_k is not None and not 0 <= output_k <= self.max_logprobs:
-            if output_k < 0:
-                raise RequestError(f"'logprobs' must be ≥ 0, got {output_k}")
-            raise RequestError(f"Requested sample logprobs of {output_k}, which is greater than max allowed: "
-                               f"{self.max_logprobs}")
+        k = self._logprobs_option(body, "prompt_logprobs", "prompt")
+        output_k = self._logprobs_option(body, "logprobs", "sample")
         stop_token_ids = _token_ids(body, "stop_token_ids")
         eos_ids = frozenset() if _option(body, "ignore_eos", False, "bool") else self._eos_ids
         top_k = _option(body, "top_k", 0, "int")
@@ -483,6 +473,16 @@ class TeacherServer:
             tops.append(top)
         offsets = [sum(map(len, tokens[:i])) for i in range(len(tokens))]
         return {"text_offset": offsets, "token_logprobs": rows.logprobs, "tokens": tokens, "top_logprobs": tops}
+
+    def _logprobs_option(self, body: dict, key: str, kind: str) -> Optional[int]:
+        """vLLM's ``prompt_logprobs`` / ``logprobs``: None, or a count in [0, --max-logprobs]."""
+        k = _option(body, key, None, "int")
+        if k is not None and not 0 <= k <= self.max_logprobs:
+            if k < 0:
+                raise RequestError(f"'{key}' must be ≥ 0, got {k}")
+            raise RequestError(f"Requested {kind} logprobs of {k}, which is greater than max allowed: "
+                               f"{self.max_logprobs}")
+        return k
 
     def _vllm_prompt_logprobs(self, prompt: list[int], rows: _Rows) -> list[Optional[dict]]:
         """One dict per prompt token after the first: the actual token (its true rank) then the top K."""
