@@ -50,7 +50,7 @@ def test_a_layout_for_more_ranks_than_the_job_has_is_one_line() -> None:
 def test_an_unreachable_teacher_is_one_line_after_saying_what_it_waits_for(tmp_path) -> None:
     finished = mopd("demo", "--output", str(tmp_path), "teachers.0.model=null", "teachers.0.urls=[http://127.0.0.1:1]",
                     "teachers.0.wait_for_servers_s=2")
-    assert "teacher reference: waiting up to 2 s for ['http://127.0.0.1:1']" in finished.stdout
+    assert "teacher arith: waiting up to 2 s for ['http://127.0.0.1:1']" in finished.stdout
     assert_one_line_error(finished, "demo", "127.0.0.1:1")
 
 
@@ -70,7 +70,7 @@ EXAMPLES = Path(__file__).parents[1] / "examples" / "configs"
      "teacher 'sp_teacher': projection .* (fingerprint|mopd build-projection)"),
     ("colocated_jsd.yaml", ["teachers.0.model=${demo:sp_teacher}"],
      "teacher 'colocated': .* has another tokenizer than the student; a colocated teacher must share"),
-    ("demo_cpu.yaml", ["teachers.0.model=${demo:sp_teacher}"],
+    ("single_teacher_topk.yaml", ["teachers.0.model=${demo:sp_teacher}"],
      "teacher 'reference': .* has another tokenizer than the student; set teachers.N.tokenizer and a projection"),
 ])
 def test_a_teacher_whose_vocabulary_does_not_fit_is_refused_before_training(config, overrides, pattern, tmp_path) -> None:

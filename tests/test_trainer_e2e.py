@@ -1,5 +1,6 @@
 """Specification: the trainer end to end on CPU/gloo, as users run it (``python -m megatron_mopd.train``
-under torchrun), on the demo's configuration with a shared reference teacher server:
+under torchrun), on examples/configs' single-teacher and cross-tokenizer configurations with shared
+reference teacher servers:
 
 - TP=2, PP=2, TP=2 x PP=2 and DP=2 give the per-step losses of TP=1 (relative 1e-4: float32 sums in
   another order over four Adam steps), for a teacher with the student's tokenizer (top-K JSD) and one
@@ -34,16 +35,18 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mopd.demo.assets import DEMO_CONFIG, demo_asset_path
+from megatron_mopd.demo.assets import demo_asset_path
 
-CROSS_CONFIG = Path(__file__).parents[1] / "examples" / "configs" / "cross_tokenizer_gold.yaml"
-COLOCATED_CONFIG = Path(__file__).parents[1] / "examples" / "configs" / "colocated_jsd.yaml"
+CONFIGS = Path(__file__).parents[1] / "examples" / "configs"
+SINGLE_CONFIG = CONFIGS / "single_teacher_topk.yaml"
+CROSS_CONFIG = CONFIGS / "cross_tokenizer_gold.yaml"
+COLOCATED_CONFIG = CONFIGS / "colocated_jsd.yaml"
 STEPS = 4
 LAYOUTS = {"tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]), "dp2": (2, []),
            "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2"])}
 
 
-def command(output: Path, url: str, *overrides: str, nproc: int = 1, config: Path = DEMO_CONFIG) -> list[str]:
+def command(output: Path, url: str, *overrides: str, nproc: int = 1, config: Path = SINGLE_CONFIG) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     return [*(launcher if nproc > 1 else [sys.executable]), "-m", "megatron_mopd.train", "--config", str(config),
             f"output_dir={output}", f"teachers.0.urls=[{url}]", "teachers.0.model=null", f"train.steps={STEPS}",
@@ -51,7 +54,7 @@ def command(output: Path, url: str, *overrides: str, nproc: int = 1, config: Pat
             "checkpoint.export_hf=false", "logging.progress=false", "logging.plot=false", *overrides]
 
 
-def run(output: Path, url: str, *overrides: str, nproc: int = 1, config: Path = DEMO_CONFIG) -> list[dict]:
+def run(output: Path, url: str, *overrides: str, nproc: int = 1, config: Path = SINGLE_CONFIG) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     finished = subprocess.run(command(output, url, *overrides, nproc=nproc, config=config), capture_output=True, text=True,
                               timeout=900, env=env)
@@ -222,7 +225,7 @@ def test_the_server_engine_samples_the_pushed_student_and_trains_alike_at_tp2(de
 SEQ_KD = ("rollout.seq_kd=true", "rollout.max_new_tokens=16")
 
 
-@pytest.mark.parametrize("config, url", [(DEMO_CONFIG, "demo_teacher_url"), (CROSS_CONFIG, "sp_teacher_url")],
+@pytest.mark.parametrize("config, url", [(SINGLE_CONFIG, "demo_teacher_url"), (CROSS_CONFIG, "sp_teacher_url")],
                          ids=["same_tokenizer", "another_tokenizer"])
 def test_with_seq_kd_the_student_learns_on_the_teachers_completions_alike_at_tp2(baseline, config, url, tmp_path,
                                                                                 request) -> None:

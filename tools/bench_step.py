@@ -2,7 +2,7 @@
 """Benchmark: one training step of the trainer, split by phase, against a plain fine-tuning step.
 
 Runs the trainer (``megatron_mopd.trainer.loop.train``) in this process on a configuration (default:
-the CPU demo's, ``megatron_mopd/demo/demo_cpu.yaml``) twice per repeat, side by side:
+``examples/configs/single_teacher_topk.yaml``, the former CPU demo) twice per repeat, side by side:
 
 ``distill``  the configuration as given: its teachers (the demo's: a reference server the trainer
              starts itself, top-K JSD) — rollout, teacher_submit, forward_backward, teacher_wait and
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+SINGLE_TEACHER_CONFIG = Path(__file__).parents[1] / "examples" / "configs" / "single_teacher_topk.yaml"
 
 PHASES = ("rollout", "teacher_submit", "forward_backward", "teacher_wait", "optimizer")
 
@@ -65,10 +67,10 @@ def summarize(records: list[dict[str, Any]], warmup: int) -> dict[str, float]:
 
 
 def main() -> int:
-    from megatron_mopd.demo.assets import DEMO_CONFIG
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help="trainer YAML (default: the CPU demo's)")
+    parser.add_argument("--config", type=Path, default=SINGLE_TEACHER_CONFIG,
+                        help="trainer YAML (default: examples/configs/single_teacher_topk.yaml)")
     parser.add_argument("--steps", type=int, default=12, help="steps per run (default 12)")
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each run not counted (default 2)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per variant, interleaved (default 2)")

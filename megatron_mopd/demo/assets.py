@@ -14,6 +14,20 @@ A configuration names them as ``${demo:NAME}`` (an OmegaConf resolver registered
                SentencePiece-style BPE with byte fallback), and the vocabulary projection from the
                student's tokenizer into it (``mopd build-projection``), for cross-tokenizer runs.
 
+The two-domain on-policy distillation demo (``demo.domains`` for the data, ``demo.teacher_training``
+for the models):
+
+``mopd_train``, ``mopd_heldout``  JSONL of ``prompt``/``completion``/``domain`` samples, domains
+               ``arithmetic`` (sums) and ``text`` (docstring sentences): the training split, both
+               domains mixed, and the held-out one (32 per domain, none of them trained on);
+``mopd_mix``   the student's training data: every arithmetic sample of the training split and
+               twice as many text samples (text is the harder domain);
+``arith_teacher``  a Llama trained on the arithmetic training samples, over the student's tokenizer;
+``prose_teacher``  a Llama trained on the text training samples, over ``sp_tokenizer`` (the student
+               reaches it through ``sp_projection``);
+``mopd_student``   the untrained student: a Llama over the student's tokenizer, Hugging Face's
+               initialization (hidden 128, 2 heads of 64, 2 layers).
+
 Nothing is downloaded; each asset is written atomically, so concurrent ranks race harmlessly.
 """
 
@@ -23,15 +37,16 @@ import json
 import sysconfig
 from pathlib import Path
 
+from megatron_mopd.demo.domains import DEMO_VOCAB_SIZE, domain_data_path, mix_data_path, split_text
 from megatron_mopd.demo.models import tiny_causal_lm_dir
+from megatron_mopd.demo.teacher_training import student_dir, trained_teacher_dir
 from megatron_mopd.demo.tokenizers import MULTILINGUAL_SAMPLE, cache_root, corpus_key, tokenizer_dir
 
-DEMO_VOCAB_SIZE = 2000
 DEMO_CONFIG = Path(__file__).with_name("demo_cpu.yaml")
 
 
 def demo_asset_path(name: str) -> Path:
-    """The path of the demo asset ``name`` (tokenizer, teacher, student, data), built if missing."""
+    """The path of the demo asset ``name`` (module docstring), built if missing."""
     builders = {
         "tokenizer": lambda: tokenizer_dir("byte_level_bpe", DEMO_VOCAB_SIZE),
         "teacher": lambda: tiny_causal_lm_dir("byte_level_bpe", DEMO_VOCAB_SIZE, seed=0),
@@ -42,6 +57,12 @@ def demo_asset_path(name: str) -> Path:
         "sp_tokenizer": lambda: tokenizer_dir("sentencepiece_bpe", DEMO_VOCAB_SIZE),
         "sp_teacher": lambda: tiny_causal_lm_dir("sentencepiece_bpe", DEMO_VOCAB_SIZE, seed=0),
         "sp_projection": demo_projection_path,
+        "mopd_train": lambda: domain_data_path("train"),
+        "mopd_mix": mix_data_path,
+        "mopd_heldout": lambda: domain_data_path("heldout"),
+        "arith_teacher": lambda: trained_teacher_dir("arith"),
+        "prose_teacher": lambda: trained_teacher_dir("prose"),
+        "mopd_student": student_dir,
     }
     if name not in builders:
         raise ValueError(f"unknown demo asset {name!r}; the demo has {sorted(builders)}")
@@ -57,7 +78,7 @@ def demo_data_path(routed: bool = False) -> Path:
     target = cache_root().parent / "data" / f"demo{'-routed' if routed else ''}-{corpus_key()}.jsonl"
     if target.exists():
         return target
-    rows = [json.dumps({**_split(text), **({"domain": _domain(text)} if routed else {})}) for text in _demo_texts()]
+    rows = [json.dumps({**split_text(text), **({"domain": _domain(text)} if routed else {})}) for text in _demo_texts()]
     atomic_write_text(target, "\n".join(rows) + "\n")
     return target
 
@@ -92,8 +113,3 @@ def _demo_texts(limit: int = 256) -> list[str]:
 def _domain(text: str) -> str:
     return "numbers" if any(c.isdigit() for c in text) else "text"
 
-
-def _split(text: str) -> dict[str, str]:
-    words = text.split(" ")
-    cut = max(1, len(words) // 3)
-    return {"prompt": " ".join(words[:cut]), "completion": " " + " ".join(words[cut:])}
