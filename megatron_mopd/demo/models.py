@@ -11,11 +11,22 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from megatron_mopd.demo.tokenizers import TokenizerKind, cache_root, corpus_key, tokenizer_dir
+
+
+def tiny_llama(tokenizer: Any, *, seed: int, **shape: int) -> LlamaForCausalLM:
+    """A Llama of ``shape`` (hidden_size, heads, ...) over ``tokenizer``'s vocabulary and special ids: untied
+    embeddings, 512 positions, Hugging Face's initialization under ``torch.manual_seed(seed)``, eval mode."""
+    config = LlamaConfig(vocab_size=len(tokenizer), **shape, max_position_embeddings=512, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
 
 
 def tiny_causal_lm_dir(
@@ -31,21 +42,8 @@ def tiny_causal_lm_dir(
     if (target / "config.json").exists():
         return target
     tok = AutoTokenizer.from_pretrained(tokenizer_dir(tokenizer, vocab_size))
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(tok, seed=seed, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
     with torch.no_grad():
         model.lm_head.weight.mul_(lm_head_scale)
     target.parent.mkdir(parents=True, exist_ok=True)

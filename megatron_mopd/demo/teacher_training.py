@@ -38,9 +38,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedModel
 
 from megatron_mopd.demo.domains import DATA_VERSION, DEMO_VOCAB_SIZE, domain_data_path
+from megatron_mopd.demo.models import tiny_llama
 from megatron_mopd.demo.tokenizers import TokenizerKind, cache_root, corpus_key, tokenizer_dir
 from megatron_mopd.trainer.data import IGNORE_INDEX, Sample, collate, load_samples, render, tokenize
 
@@ -82,7 +83,7 @@ def trained_teacher_dir(name: str, *, rebuild: bool = False) -> Path:
 
     def build(staging: Path) -> None:
         tok = AutoTokenizer.from_pretrained(tokenizer_dir(recipe.tokenizer, DEMO_VOCAB_SIZE))
-        model = _llama(tok, TEACHER_SHAPE, recipe.seed)
+        model = tiny_llama(tok, seed=recipe.seed, **TEACHER_SHAPE)
         samples = [s for s in load_samples(domain_data_path("train")) if s.domain == recipe.domain]
         began = time.perf_counter()
         loss = _train(model, tok, samples, recipe, desc=f"training the demo teacher {name!r}")
@@ -110,7 +111,7 @@ def student_dir() -> Path:
 def untrained_model(tokenizer: Path) -> LlamaForCausalLM:
     """The student's architecture over ``tokenizer`` (a directory), Hugging Face's initialization, seed
     ``STUDENT_SEED``: over the byte-level BPE tokenizer, the student itself; the baseline of the figures."""
-    return _llama(AutoTokenizer.from_pretrained(tokenizer), STUDENT_SHAPE, STUDENT_SEED)
+    return tiny_llama(AutoTokenizer.from_pretrained(tokenizer), seed=STUDENT_SEED, **STUDENT_SHAPE)
 
 
 @torch.no_grad()
@@ -171,20 +172,6 @@ def _train(model: LlamaForCausalLM, tokenizer: Any, samples: Sequence[Sample], r
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return loss.item()
-
-
-def _llama(tokenizer: Any, shape: dict[str, int], seed: int) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        **shape,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
 
 
 @contextlib.contextmanager
