@@ -111,7 +111,7 @@ def server_seconds(model_dir: Path, server: str, prompts: list[list[int]], new_t
         served_dir = Path(scratch) / "served"
         shutil.copytree(model_dir, served_dir)
         start = (vllm_server_process(served_dir, "--enforce-eager", "--max-model-len", str(max(length, 64)),
-                                     log_path=Path(scratch) / "vllm.log")
+                                     log_path=Path(scratch) / "vllm.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
                  if server == "vllm" else teacher_server_process(served_dir))
         initialize_parallel(1, 1, seed=0)
         try:
