@@ -52,6 +52,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from megatron_mopd.models.architecture import GPTArchitecture
+from megatron_mopd.parallel.collectives import first_problem_of_all_ranks, on_rank0
 
 __all__ = ["HFCheckpoint", "export_hf_weights", "hf_names_of", "hf_tensor_shapes", "load_hf_weights"]
 
@@ -440,7 +441,7 @@ def export_hf_weights(
         problem = _out_dir_problem(out_dir) if dist.get_rank() == 0 else None
     except ValueError as error:
         problem = str(error)
-    problem = _first_problem_of_all_ranks(problem)
+    problem = first_problem_of_all_ranks(problem)
     if problem is not None:
         raise ValueError(problem)
 
@@ -466,37 +467,14 @@ def export_hf_weights(
         pp_group = parallel_state.get_pipeline_model_parallel_group()
         gathered = [None] * dist.get_world_size(pp_group) if dist.get_rank() == 0 else None
         dist.gather_object(stage_tensors, gathered, dst=0, group=pp_group)
-    error: Optional[BaseException] = None
-    if dist.get_rank() == 0:
-        try:
-            tensors = {name: tensor for stage in gathered for name, tensor in stage.items()}
-            _write_hf_dir(tensors, arch, out_dir, tokenizer, hf_config_fields)
-        except BaseException as exc:  # the other ranks must learn of it
-            error = exc
-    outcome = _broadcast_from_rank0(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    if outcome is not None:
-        raise RuntimeError(f"export_hf_weights failed on rank 0: {outcome}")
+    on_rank0(lambda: _write_hf_dir({name: tensor for stage in gathered for name, tensor in stage.items()}, arch,
+                                   out_dir, tokenizer, hf_config_fields), "export_hf_weights")
 
 
 def _out_dir_problem(out_dir: Path) -> Optional[str]:
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         return f"out_dir {out_dir} already exists and is not an empty directory: export to a new directory"
     return None
-
-
-def _first_problem_of_all_ranks(problem: Optional[str]) -> Optional[str]:
-    """The first rank's problem, on every rank (a collective), or None when no rank has one."""
-    problems: list[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, problem)
-    return next((p for p in problems if p is not None), None)
-
-
-def _broadcast_from_rank0(value: Optional[str]) -> Optional[str]:
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 def _write_hf_dir(

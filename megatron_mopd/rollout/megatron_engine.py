@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megatron_mopd.rollout.types import Rollout, SamplingParams, checked_prompts
+from megatron_mopd.rollout.types import Rollout, SamplingParams, checked_prompts, mixed_seed
 
 __all__ = ["MegatronRolloutEngine"]
 
@@ -71,12 +71,6 @@ def _unwrap(model: Any) -> torch.nn.Module:
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return model
-
-
-def _generator_seed(seed: int, data_parallel_rank: int) -> int:
-    """A 63-bit seed mixing the call's seed and the data-parallel rank (distinct streams per rank)."""
-    state = np.random.SeedSequence([int(seed) & (2**63 - 1), int(data_parallel_rank)]).generate_state(2, np.uint64)
-    return int(state[0] >> np.uint64(1))
 
 
 class MegatronRolloutEngine:
@@ -169,7 +163,7 @@ class MegatronRolloutEngine:
         stop_ids = torch.tensor(sorted(set(sampling.stop_token_ids)), dtype=torch.long)
 
         generator = torch.Generator(device=device)
-        generator.manual_seed(_generator_seed(sampling.seed, parallel_state.get_data_parallel_rank()))
+        generator.manual_seed(mixed_seed(sampling.seed, parallel_state.get_data_parallel_rank()))
         last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
         position_ids = torch.arange(total_length, device=device).unsqueeze(0).expand(batch, -1)

@@ -68,7 +68,8 @@ from urllib.parse import urlsplit
 import orjson
 import torch.distributed as dist
 
-from megatron_mopd.rollout.types import Rollout, SamplingParams, checked_prompts
+from megatron_mopd.parallel.collectives import first_problem_of_all_ranks, on_rank0
+from megatron_mopd.rollout.types import Rollout, SamplingParams, checked_prompts, mixed_seed
 
 __all__ = ["DiskWeightSync", "ServerRolloutEngine", "WeightSync", "export_served", "logprobs_mode_for",
            "server_logprobs_mode"]
@@ -86,17 +87,26 @@ class WeightSync(Protocol):
         ``model``'s weights as they are now."""
 
 
+def _behaviour_modes(sampling: SamplingParams) -> list[str]:
+    """The vLLM ``--logprobs-mode`` values whose log-probabilities are the behaviour policy's for
+    ``sampling`` (module doc), preferred first."""
+    modes = []
+    if sampling.top_k == 0 and sampling.top_p == 1.0 and sampling.temperature >= _GREEDY_BELOW:
+        modes.append("processed_logprobs")
+    if sampling.temperature == 1.0:
+        modes.append("raw_logprobs")
+    return modes
+
+
 def logprobs_mode_for(sampling: SamplingParams) -> str:
     """The vLLM ``--logprobs-mode`` whose log-probabilities are the behaviour policy's for ``sampling``.
 
     Raises:
         ValueError: none is (a temperature other than 1 with top-k or top-p on).
     """
-    truncated = sampling.top_k > 0 or sampling.top_p < 1.0
-    if not truncated and sampling.temperature >= _GREEDY_BELOW:
-        return "processed_logprobs"
-    if sampling.temperature == 1.0:
-        return "raw_logprobs"
+    modes = _behaviour_modes(sampling)
+    if modes:
+        return modes[0]
     raise ValueError(
         f"vLLM cannot return the behaviour log-probabilities (after temperature, before top-k/top-p) for "
         f"temperature={sampling.temperature} with top_k={sampling.top_k}, top_p={sampling.top_p}: its raw_logprobs "
@@ -113,10 +123,7 @@ def _check_semantics(protocol: str, logprobs_mode: Optional[str], sampling: Samp
                              "and then returns log-probabilities before temperature: use a temperature ≥ 1e-5 and "
                              "top_k != 1")
         return
-    if logprobs_mode == "raw_logprobs" and sampling.temperature == 1.0:
-        return
-    if logprobs_mode == "processed_logprobs" and sampling.top_k == 0 and sampling.top_p == 1.0 \
-            and sampling.temperature >= _GREEDY_BELOW:
+    if logprobs_mode in _behaviour_modes(sampling):
         return
     try:
         wanted = f"start it with --logprobs-mode {logprobs_mode_for(sampling)}"
@@ -227,17 +234,11 @@ class DiskWeightSync:
     def push(self, model: Any) -> None:
         export_served(model, self.arch, self.served_dir, tokenizer=self.tokenizer,
                       hf_config_fields=self.hf_config_fields)
-        error = None
-        if dist.get_rank() == 0:
-            try:
-                for url in self.urls:
-                    self._reload(url)
-            except RuntimeError as caught:
-                error = str(caught)
-        outcome = [error]
-        dist.broadcast_object_list(outcome, src=0)
-        if outcome[0] is not None:
-            raise RuntimeError(f"pushing the student's weights to the rollout servers failed: {outcome[0]}")
+        on_rank0(self._reload_all, "pushing the student's weights to the rollout servers")
+
+    def _reload_all(self) -> None:
+        for url in self.urls:
+            self._reload(url)
 
     def _reload(self, url: str) -> None:
         if self.protocol == "sglang":
@@ -342,16 +343,13 @@ class ServerRolloutEngine:
         shared = [rollouts, None if error is None else f"{type(error).__name__}: {error}"]
         if self._group is not None:
             dist.broadcast_object_list(shared, src=dist.get_process_group_ranks(self._group)[0], group=self._group)
-        problems: list[Optional[str]] = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, None if shared[1] is None else (self.dp_rank, shared[1]))
-        failed = next((problem for problem in problems if problem is not None), None)
+        failed = first_problem_of_all_ranks(
+            None if shared[1] is None else f"rollout sampling failed on data-parallel rank {self.dp_rank}: {shared[1]}")
         if failed is not None:
-            raise RuntimeError(f"rollout sampling failed on data-parallel rank {failed[0]}: {failed[1]}")
+            raise RuntimeError(failed)
         return shared[0]
 
     def _sample(self, prompts: list[tuple[int, ...]], sampling: SamplingParams) -> list[Rollout]:
-        from megatron_mopd.teachers.remote import mixed_seed
-
         replica = dataclasses.replace(sampling, seed=mixed_seed(sampling.seed, self.dp_rank))
         rollouts = self.client.generate(prompts, replica, max_total_tokens=self.max_sequence_length)
         for index, rollout in enumerate(rollouts):

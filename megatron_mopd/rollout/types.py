@@ -102,3 +102,10 @@ def checked_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seque
             raise ValueError(f"prompt {index} has {len(prompt)} tokens; max_sequence_length={max_sequence_length} "
                              "leaves no room for a completion: raise it or shorten the prompt")
     return checked
+
+
+def mixed_seed(seed: int, stream: int) -> int:
+    """A 63-bit seed of ``seed`` and a stream number (a prompt's index in its batch, a data-parallel rank):
+    distinct streams get distinct seeds, the same ones the same seed."""
+    state = np.random.SeedSequence([int(seed) & (2**63 - 1), int(stream)]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))

@@ -53,7 +53,7 @@ import numpy as np
 import orjson
 import torch
 
-from megatron_mopd.rollout.types import Rollout, SamplingParams
+from megatron_mopd.rollout.types import Rollout, SamplingParams, mixed_seed
 from megatron_mopd.teachers.protocols import (
     ProtocolName,
     ResponseMismatch,
@@ -512,13 +512,6 @@ class RemoteTeacher:
             return response.status, response.read()
         finally:
             connection.close()
-
-
-def mixed_seed(seed: int, stream: int) -> int:
-    """A 63-bit seed of ``seed`` and a stream number (a prompt's index in its batch, a data-parallel rank):
-    distinct streams get distinct seeds, the same ones the same seed."""
-    state = np.random.SeedSequence([int(seed) & (2**63 - 1), int(stream)]).generate_state(2, np.uint64)
-    return int(state[0] >> np.uint64(1))
 
 
 def _token_tuples(sequences: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:

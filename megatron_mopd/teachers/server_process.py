@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 PROGRESS_EVERY_S = 30.0  # a line saying how long a server has been starting, this often
 
+
 def free_loopback_port() -> int:
     """A TCP port that is free on 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

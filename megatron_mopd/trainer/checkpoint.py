@@ -46,12 +46,13 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_mopd.parallel.collectives import on_rank0
 from megatron_mopd.trainer.files import atomic_write_text
 
 if TYPE_CHECKING:
@@ -152,7 +153,7 @@ def save_checkpoint(
         _remove_leftovers(root)
         staging.mkdir()
 
-    _on_rank0(prepare, f"preparing {staging}")
+    on_rank0(prepare, f"preparing {staging}")
 
     _materialize_optimizer_state(optimizer)
     metadata = dict(_SHARDED_STATE_DICT_METADATA)
@@ -188,7 +189,7 @@ def save_checkpoint(
             shutil.rmtree(replaced)
         _prune(root, keep_last, keep=final)
 
-    _on_rank0(publish, f"publishing {final}")
+    on_rank0(publish, f"publishing {final}")
     return final
 
 
@@ -563,19 +564,3 @@ def _require_distributed(caller: str) -> None:
             f"{caller}: torch.distributed is not initialized; call "
             "megatron_mopd.parallel.initialize_parallel(...) first"
         )
-
-
-def _on_rank0(action: Callable[[], None], what: str) -> None:
-    """Run ``action`` on global rank 0; every rank returns after it, or raises if it failed there."""
-    error: Optional[BaseException] = None
-    if dist.get_rank() == 0:
-        try:
-            action()
-        except Exception as exc:  # every rank must learn of it, or they would wait forever
-            error = exc
-    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
-    dist.broadcast_object_list(outcome, src=0)
-    if error is not None:
-        raise error
-    if outcome[0] is not None:
-        raise RuntimeError(f"{what} failed on rank 0: {outcome[0]}")

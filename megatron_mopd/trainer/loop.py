@@ -69,11 +69,11 @@ def _layout(device_type: str) -> Layout:
 def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> Optional[dict[str, Any]]:
     from transformers import AutoTokenizer
 
+    from megatron_mopd.crosstok import CanonicalVocabulary
     from megatron_mopd.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from megatron_mopd.trainer.cross_tokenizer import CrossTokenizerSide
     from megatron_mopd.trainer.data import GlobalBatchSampler, rank_slice
     from megatron_mopd.trainer.metrics import MetricsLogger, plot_curves, write_report
-    from megatron_mopd.crosstok import CanonicalVocabulary
     from megatron_mopd.trainer.rollout import StepSources
     from megatron_mopd.trainer.step import StepTeacher, evaluate, run_step
     from megatron_mopd.trainer.teachers import open_teachers
@@ -138,6 +138,7 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
                     interval=config.logging.interval, progress=config.logging.progress,
                     tensorboard=config.logging.tensorboard, wandb_project=config.logging.wandb_project,
                     config=as_dict(config))
+
             def held_out_evaluation(step: int) -> None:
                 indices = list(range(layout.dp_rank, len(held_out.samples), layout.dp_size))
                 evaluation = evaluate(step, trainee, [held_out.example(i) for i in indices], teachers,
@@ -151,8 +152,9 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
                     held_out_evaluation(step)
                 indices = rank_slice(next(sampler), layout.dp_rank, layout.dp_size)  # the cursor moves on
                 examples = [dataset.example(i) for i in indices]
-                result = run_step(step, trainee, examples, teachers, routes_of(indices),
-                                  sft_alpha=config.loss.sft_alpha, source=sources.for_step(step, routes_of(indices)))
+                routes = routes_of(indices)
+                result = run_step(step, trainee, examples, teachers, routes, sft_alpha=config.loss.sft_alpha,
+                                  source=sources.for_step(step, routes))
                 if logger is not None:
                     logger.log(result)
                 if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0 \

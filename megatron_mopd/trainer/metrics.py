@@ -122,9 +122,9 @@ class MetricsLogger:
         self.evals.append(record)
         with open(self.output_dir / EVAL_FILE, "a", encoding="utf-8") as file:
             file.write(json.dumps(record) + "\n")
-        for name, value in record.items():
-            if name.startswith("eval/divergence/") and value is not None:
-                if self._tensorboard is not None:
+        if self._tensorboard is not None:
+            for name, value in record.items():
+                if name.startswith("eval/divergence/") and value is not None:
                     self._tensorboard.add_scalar(name, value, evaluation.step)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k.startswith("eval/")}, step=evaluation.step)

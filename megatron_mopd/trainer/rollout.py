@@ -111,9 +111,7 @@ class StudentSamples:
         """The student's samples as examples, and their behaviour log-probabilities ``[b, seq_length]``
         (position j holds the log-probability of token j + 1; 0 elsewhere)."""
         prompts = [prompt_tokens(e, self.tokenizer, seq_length) for e in examples]
-        room = min(self.sampling.max_new_tokens, seq_length - max(len(p.input_ids) for _, p in prompts))
-        rollouts = self.engine.generate([p.input_ids for _, p in prompts],
-                                        dataclasses.replace(self.sampling, max_new_tokens=room))
+        rollouts = self.engine.generate([p.input_ids for _, p in prompts], _within(self.sampling, prompts, seq_length))
         behaviour = torch.zeros(len(examples), seq_length)
         sampled = []
         for row, (example, prompt, rollout) in enumerate(zip(examples, prompts, rollouts)):
@@ -160,9 +158,7 @@ class TeacherSamples:
     def _generate(self, teacher: SequenceTeacher, examples: list[Example], seq_length: int) -> list[Example]:
         prompts = [prompt_tokens(e, self.tokenizer, seq_length) for e in examples]
         if teacher.tokenizer is None:  # the student's vocabulary: train on the very ids the teacher chose
-            room = min(self.sampling.max_new_tokens, seq_length - max(len(p.input_ids) for _, p in prompts))
-            rollouts = _generate(teacher, [p.input_ids for _, p in prompts],
-                                 dataclasses.replace(self.sampling, max_new_tokens=room))
+            rollouts = _generate(teacher, [p.input_ids for _, p in prompts], _within(self.sampling, prompts, seq_length))
             return [sampled_example(e, p, r.completion_ids, self.vocabulary, seq_length)
                     for e, p, r in zip(examples, prompts, rollouts)]
         own = [tokenize(render(e.sample, teacher.tokenizer, with_completion=False), teacher.tokenizer, 4 * seq_length)
@@ -222,6 +218,13 @@ class StepSources:
         sampling = sampling_params(self.config.rollout, self.tokenizer, seed=self.config.seed, step=-1,
                                    max_new_tokens=self.config.eval.max_new_tokens)
         return StudentSamples(self.engine, self.tokenizer, self.vocabulary, sampling)
+
+
+def _within(sampling: SamplingParams, prompts: Sequence[tuple[RenderedSample, TokenizedSample]],
+            seq_length: int) -> SamplingParams:
+    """``sampling`` with no more new tokens than the longest prompt leaves room for in ``seq_length``."""
+    room = seq_length - max(len(tokens.input_ids) for _, tokens in prompts)
+    return dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room))
 
 
 def _generate(teacher: SequenceTeacher, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:

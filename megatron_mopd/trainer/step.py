@@ -60,8 +60,12 @@ class StepResult:
     grad_norm: Optional[float]
     seconds: dict[str, float]
     data: DataStats
-    on_policy: bool = False
     completions: str = "dataset"  # where the step's completions came from: dataset, student or teacher
+
+    @property
+    def on_policy(self) -> bool:
+        """Whether the student sampled the step's completions."""
+        return self.completions == "student"
 
 
 @dataclass
@@ -116,8 +120,7 @@ def run_step(
             raise RuntimeError(f"step {step}: the optimizer skipped the update (gradient overflow)")
         trainee.scheduler.step(increment=1)
     return StepResult(step, _reduce(reduced), lr, None if grad_norm is None else float(grad_norm), timer.seconds,
-                      DataStats.of(e.tokenized for e in completed.examples), completed.source == "student",
-                      completed.source)
+                      DataStats.of(e.tokenized for e in completed.examples), completed.source)
 
 
 @dataclass
