@@ -55,6 +55,7 @@ Requests asking for more than ``--max-logprobs`` top log-probabilities (both pro
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import signal
@@ -471,7 +472,7 @@ class TeacherServer:
             top = {name(token): logprob}
             top.update((name(i), v) for i, v in zip(top_ids, top_logprobs))
             tops.append(top)
-        offsets = [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+        offsets = list(itertools.accumulate(map(len, tokens[:-1]), initial=0)) if tokens else []
         return {"text_offset": offsets, "token_logprobs": rows.logprobs, "tokens": tokens, "top_logprobs": tops}
 
     def _logprobs_option(self, body: dict, key: str, kind: str) -> Optional[int]:
