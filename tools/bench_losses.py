@@ -10,7 +10,7 @@ forward+backward and measure peak memory of:
   full_jsd          generalized_jsd (colocated teacher, same vocabulary)
   full_jsd_fused    the same with fused=True (torch.compile'd divergence core; compiled in warm-up)
   *_chunkN          the same with chunk_size=N tokens
-  naive_dense_jsd   TRL-style generalized JSD written with plain PyTorch ops and autograd
+  trl_gkd_jsd       TRL's GKDTrainer.generalized_jsd_loss (trl installed), autograd for the gradient
   pkl_tail          projected_kl(tail="tail"): cross-tokenizer P-KL through a real vocabulary projection
   pkl_renorm        projected_kl(tail="renorm")
   gold              gold_loss: JSD on common tokens + ULD on the rest
@@ -20,14 +20,23 @@ a byte-level BPE student and a SentencePiece-style teacher of ``--cross-vocab`` 
 built between them (its build time is reported), 3 aligned chunks per 4 student positions and 5
 teacher rows per 4 student positions, each with the teacher's top-K over its own vocabulary.
 
+Megatron's cross-entropy runs as Megatron's GPT model runs it: on fp32 logits it works in place on
+the output layer's result (no copy); on bf16 logits it makes its own float32 copy. Every other
+variant gets the same logits. Each dtype (``--dtype``, both by default) gets its own table.
+
 All variants run side by side in one process, interleaved round-robin; the table gives the median
 time and its ratio to megatron_ce. Memory is measured in a separate pass (``peak_memory``):
 ``peak`` counts everything allocated during forward+backward beyond the inputs (so it includes the
 logits' gradient, which every variant must produce); ``workspace`` is peak minus that gradient. Both
 are also given as a multiple of the local logits in float32 (``x fp32``).
 
-    python tools/bench_losses.py                       # 4096 tokens x 32k local vocab, K=64, fp32
+    python tools/bench_losses.py                       # 4096 tokens x 32k local vocab, K=64, fp32 and bf16
+    python tools/bench_losses.py --only 'megatron_ce|full_jsd$'   # a subset of the variants
     python tools/bench_losses.py --device cuda --dtype bf16 --tokens 8192 --local-vocab 19008
+
+The targets (printed after the tables, "met" only where the measured ratio says so): top-K JSD
+(tail) <= 1.3x the cross-entropy, full JSD <= 2.2x the cross-entropy, full JSD >= 20x faster than
+TRL's generalized_jsd_loss on fp32 logits.
 """
 
 from __future__ import annotations
@@ -57,14 +66,13 @@ from megatron_mopd.demo.tokenizers import byte_level_bpe, sentencepiece_bpe
 Variant = Callable[[torch.Tensor], torch.Tensor]  # logits (leaf) -> scalar loss
 
 
-def naive_dense_jsd(student: torch.Tensor, teacher: torch.Tensor, beta: float) -> torch.Tensor:
-    """Plain PyTorch generalized JSD (TRL's formulation), autograd for the gradient."""
-    s = torch.log_softmax(student.float(), dim=-1)
-    t = torch.log_softmax(teacher.float(), dim=-1)
-    m = torch.logsumexp(torch.stack([s + math.log(1 - beta), t + math.log(beta)]), dim=0)
-    kl_t = torch.nn.functional.kl_div(m, t, reduction="none", log_target=True).sum(-1)
-    kl_s = torch.nn.functional.kl_div(m, s, reduction="none", log_target=True).sum(-1)
-    return beta * kl_t + (1 - beta) * kl_s
+def trl_generalized_jsd() -> Callable[..., torch.Tensor] | None:
+    """TRL's GKD loss (``GKDTrainer.generalized_jsd_loss``), or None when trl is not installed."""
+    try:
+        from trl.experimental.gkd import GKDTrainer
+    except ImportError:
+        return None
+    return GKDTrainer.generalized_jsd_loss
 
 
 def build_variants(args: argparse.Namespace, teacher: torch.Tensor, device: torch.device) -> dict[str, Variant]:
@@ -78,7 +86,7 @@ def build_variants(args: argparse.Namespace, teacher: torch.Tensor, device: torc
     def megatron_ce(logits: torch.Tensor) -> torch.Tensor:
         # Megatron overwrites its input in place (logits - max, then exp): give it its own copy,
         # as the model's output layer does. The copy is part of its cost.
-        return vocab_parallel_cross_entropy(logits.clone(), target).sum()
+        return vocab_parallel_cross_entropy(logits, target).sum()
 
     def topk(tail: str, chunk: int | None) -> Variant:
         return lambda z: topk_generalized_jsd(
@@ -97,11 +105,16 @@ def build_variants(args: argparse.Namespace, teacher: torch.Tensor, device: torc
         f"topk_tail_chunk{args.chunk}": topk("tail", args.chunk),
         f"full_jsd_chunk{args.chunk}": full(args.chunk),
     }
-    if not args.skip_naive:
-        variants["naive_dense_jsd"] = lambda z: naive_dense_jsd(z, teacher, beta).sum()
     if not args.skip_cross_tokenizer:
         variants.update(cross_tokenizer_variants(args, device))
-    return variants
+    trl_loss = None if args.skip_trl else trl_generalized_jsd()
+    if trl_loss is not None:
+        # As TRL's trainer calls it: [batch, seq, vocab] logits of the model's dtype, summed here. Last in
+        # each round: its ~15x-the-logits temporaries are freed before the round's next variant.
+        variants["trl_gkd_jsd"] = lambda z: trl_loss(z[None], teacher[None], beta=beta, reduction="sum")
+    elif not args.skip_trl:
+        print("trl_gkd_jsd skipped: trl is not installed (pip install trl)")
+    return {name: fn for name, fn in variants.items() if re.search(args.only, name)}
 
 
 def projection_file(args: argparse.Namespace) -> Path:
@@ -179,7 +192,7 @@ def time_variants(
     return times
 
 
-def peak_memory(name: str, loss_fn: Variant, student: torch.Tensor, device: torch.device) -> int:
+def peak_memory(name: str, loss_fn: Variant, student: torch.Tensor, device: torch.device, dtype_name: str) -> int:
     """Peak bytes allocated during one forward+backward beyond the inputs.
 
     CUDA: the caching allocator's peak statistics. CPU: the process's peak resident memory (VmHWM,
@@ -196,7 +209,7 @@ def peak_memory(name: str, loss_fn: Variant, student: torch.Tensor, device: torc
         return torch.cuda.max_memory_allocated() - base
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     child = subprocess.run(
-        [sys.executable, __file__, *sys.argv[1:], "--measure-memory-of", name],
+        [sys.executable, __file__, *sys.argv[1:], "--measure-memory-of", name, "--dtype", dtype_name],
         env=env, capture_output=True, text=True, check=False,
     )
     if child.returncode != 0:
@@ -239,47 +252,38 @@ def init_megatron_tp1(device: torch.device, cpu_mode: bool) -> None:
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--local-vocab", type=int, default=32768, help="V_local = padded vocab / TP")
-    parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--beta", type=float, default=0.5)
-    parser.add_argument("--chunk", type=int, default=512, help="chunk_size of the *_chunk variants")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-naive", action="store_true", help="skip the naive dense JSD")
-    parser.add_argument("--skip-cross-tokenizer", action="store_true", help="skip P-KL and GOLD")
-    parser.add_argument("--cross-vocab", type=int, default=32000, help="size of both trained tokenizers")
-    parser.add_argument("--out", type=Path, default=Path("bench_results/bench_losses.json"))
-    parser.add_argument("--measure-memory-of", help=argparse.SUPPRESS)  # internal: child process mode
-    args = parser.parse_args()
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# (what, dtypes, variant, baseline, bound): time(variant) / time(baseline) <= bound, or, for "faster
+# than", time(baseline) / time(variant) >= bound. TRL's loss is compared on fp32 logits, where it
+# computes in float32 as this project does (on bf16 logits it computes in bf16).
+TARGETS = (
+    ("top-K JSD (tail) <= 1.3x CE", ("fp32", "bf16"), "topk_tail", "megatron_ce", 1.3),
+    ("full JSD <= 2.2x CE", ("fp32", "bf16"), "full_jsd", "megatron_ce", 2.2),
+    ("full JSD >= 20x faster than TRL", ("fp32",), "full_jsd", "trl_gkd_jsd", 20.0),
+)
 
-    device = torch.device(args.device)
-    init_megatron_tp1(device, cpu_mode=device.type == "cpu" and not args.measure_memory_of)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    projection_build = None
-    if not args.skip_cross_tokenizer and not args.measure_memory_of:
-        projection_build = build_projection(args)
+
+def measure_dtype(args: argparse.Namespace, dtype_name: str, device: torch.device) -> list[dict]:
+    """Time and measure every variant on logits of one dtype; one row per variant."""
+    dtype = DTYPES[dtype_name]
     gen = torch.Generator(device="cpu").manual_seed(0)
     student = (torch.randn(args.tokens, args.local_vocab, generator=gen) * 2).to(device, dtype)
     teacher = (torch.randn(args.tokens, args.local_vocab, generator=gen) * 2).to(device, dtype)
     variants = build_variants(args, teacher, device)
     if args.measure_memory_of:
         print(measure_own_peak(variants[args.measure_memory_of], student))
-        return
-
+        return []
     times = time_variants(variants, student, args.repeats, device)
     fp32_logits = args.tokens * args.local_vocab * 4
     grad_bytes = student.numel() * student.element_size()
-    baseline = statistics.median(times["megatron_ce"])
+    baseline = statistics.median(times["megatron_ce"]) if "megatron_ce" in times else math.nan
     rows = []
-    for name, loss_fn in tqdm(variants.items(), desc="peak memory", disable=None):
-        peak = peak_memory(name, loss_fn, student, device)
+    for name, loss_fn in tqdm(variants.items(), desc=f"peak memory ({dtype_name})", disable=None):
+        peak = peak_memory(name, loss_fn, student, device, dtype_name)
         median = statistics.median(times[name])
         rows.append(
             dict(
+                dtype=dtype_name,
                 variant=name,
                 time_ms=median * 1e3,
                 time_vs_ce=median / baseline,
@@ -288,11 +292,14 @@ def main() -> None:
                 workspace_x_fp32_logits=(peak - grad_bytes) / fp32_logits,
             )
         )
+    return rows
 
+
+def print_table(args: argparse.Namespace, dtype_name: str, rows: list[dict], device: torch.device) -> None:
     header = f"{'variant':<22}{'time ms':>10}{'x CE':>8}{'peak MiB':>11}{'peak x fp32':>13}{'workspace x fp32':>18}"
     print(
         f"\nbench_losses: {args.tokens} tokens x {args.local_vocab} local vocab, K={args.k}, beta={args.beta}, "
-        f"{args.dtype} on {device.type} ({_machine(device)}), median of {args.repeats}"
+        f"{dtype_name} logits on {device.type} ({_machine(device)}), median of {args.repeats}"
     )
     print(header)
     print("-" * len(header))
@@ -301,15 +308,71 @@ def main() -> None:
             f"{r['variant']:<22}{r['time_ms']:>10.1f}{r['time_vs_ce']:>8.2f}{r['peak_mib']:>11.1f}"
             f"{r['peak_x_fp32_logits']:>13.2f}{r['workspace_x_fp32_logits']:>18.2f}"
         )
+
+
+def evaluate_targets(rows: list[dict]) -> list[dict]:
+    """Each target of TARGETS per dtype, with the measured ratio; skipped where a variant did not run."""
+    times = {(r["dtype"], r["variant"]): r["time_ms"] for r in rows}
+    verdicts = []
+    for dtype_name in dict.fromkeys(r["dtype"] for r in rows):
+        for what, dtypes, variant, baseline, bound in TARGETS:
+            if dtype_name not in dtypes or (dtype_name, variant) not in times or (dtype_name, baseline) not in times:
+                continue
+            ratio = times[(dtype_name, variant)] / times[(dtype_name, baseline)]
+            faster = "faster" in what
+            measured = 1.0 / ratio if faster else ratio
+            met = measured >= bound if faster else measured <= bound
+            verdicts.append(dict(dtype=dtype_name, target=what, measured=measured, met=met))
+    return verdicts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--local-vocab", type=int, default=32768, help="V_local = padded vocab / TP")
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--chunk", type=int, default=512, help="chunk_size of the *_chunk variants")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"],
+                        help="logits dtypes, one table each")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default="", help="regular expression: run only the variants it matches")
+    parser.add_argument("--skip-trl", action="store_true", help="skip TRL's generalized_jsd_loss (slow)")
+    parser.add_argument("--skip-cross-tokenizer", action="store_true", help="skip P-KL and GOLD")
+    parser.add_argument("--cross-vocab", type=int, default=32000, help="size of both trained tokenizers")
+    parser.add_argument("--out", type=Path, default=Path("bench_results/bench_losses.json"))
+    parser.add_argument("--measure-memory-of", help=argparse.SUPPRESS)  # internal: child process mode
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    init_megatron_tp1(device, cpu_mode=device.type == "cpu" and not args.measure_memory_of)
+    if args.measure_memory_of:
+        measure_dtype(args, args.dtype[-1], device)
+        return
+    projection_build = None
+    if not args.skip_cross_tokenizer and re.search(args.only, "pkl_tail pkl_renorm gold"):
+        projection_build = build_projection(args)
+    rows = []
+    for dtype_name in args.dtype:
+        rows += measure_dtype(args, dtype_name, device)
+    for dtype_name in args.dtype:
+        print_table(args, dtype_name, [r for r in rows if r["dtype"] == dtype_name], device)
     if projection_build:
         print(
             f"\nvocabulary projection {projection_build['student_vocab']} -> {projection_build['teacher_vocab']}: "
             f"built in {projection_build['build_s']:.1f} s, loaded in {projection_build['load_s'] * 1e3:.0f} ms, "
             f"rows {projection_build['stats']}"
         )
+    verdicts = evaluate_targets(rows)
+    if verdicts:
+        print("\ntargets")
+        for v in verdicts:
+            print(f"  {v['dtype']:<5} {v['target']:<34} measured {v['measured']:6.2f}   {'met' if v['met'] else 'NOT met'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    report = dict(config=config, machine=_machine(device), rows=rows, projection_build=projection_build)
+    report = dict(config=config, machine=_machine(device), rows=rows, targets=verdicts,
+                  projection_build=projection_build)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}")
     if dist.is_initialized():

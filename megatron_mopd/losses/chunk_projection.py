@@ -34,7 +34,7 @@ positions are sorted by chunk) of about ``rows_per_chunk`` rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -71,40 +71,70 @@ class ScoredPositions:
     groups: tuple[RowGroup, ...]
 
     @classmethod
-    def of(cls, position_chunks: torch.Tensor, num_chunks: int, rows_per_group: int) -> "ScoredPositions":
+    def of(
+        cls,
+        position_chunks: torch.Tensor,
+        num_chunks: int,
+        rows_per_group: int,
+        *,
+        device: Optional[torch.device] = None,
+        validate: bool = True,
+    ) -> "ScoredPositions":
+        """The positions of ``position_chunks`` (int ``[...]``, −1 = none), computed where those ids
+        are, then moved to ``device`` (default: the same). The grouping reads the chunk sizes on the
+        host: chunk ids given on the host (the trainer's come from the host alignment) cost no device
+        sync; ids on an accelerator cost one. ``validate``: check that every id is below
+        ``num_chunks`` and every chunk has a position (host syncs; raise ValueError); False checks
+        neither (a chunk without a position then gets a NaN loss).
+        """
         if position_chunks.dtype.is_floating_point or position_chunks.dtype == torch.bool:
             raise ValueError(f"student chunk ids must be an integer tensor, got {position_chunks.dtype}")
         flat = position_chunks.reshape(-1).long()
-        if flat.numel() and int(flat.max()) >= num_chunks:
+        if validate and flat.numel() and int(flat.max()) >= num_chunks:
             raise ValueError(f"student chunk id {int(flat.max())} >= num_chunks={num_chunks}")
         rows = torch.nonzero(flat >= 0).squeeze(1)
         rows = rows[torch.argsort(flat[rows], stable=True)]
         chunk = flat[rows]
-        count = torch.bincount(chunk, minlength=num_chunks)
-        if num_chunks and int(count.min()) == 0:
+        count = torch.bincount(chunk, minlength=num_chunks)[:num_chunks]
+        if validate and num_chunks and int(count.min()) == 0:
             missing = int(torch.nonzero(count == 0)[0])
             raise ValueError(
                 f"chunk {missing} has no student position: chunk ids must come from align_batch "
                 f"(a chunk whose first token starts the sequence has no predicting position)"
             )
-        return cls(rows, chunk, count, _row_groups(rows, count, rows_per_group))
+        groups = _row_groups(rows, count, rows_per_group)
+        if device is not None and torch.device(device) != rows.device:
+            rows, chunk, count = (t.to(device, non_blocking=True) for t in (rows, chunk, count))
+            groups = tuple(
+                g if isinstance(g.logits_rows, slice) else RowGroup(g.scored, g.chunks, rows[g.scored])
+                for g in groups
+            )
+        return cls(rows, chunk, count, groups)
 
 
 def _row_groups(rows: torch.Tensor, count: torch.Tensor, rows_per_group: int) -> tuple[RowGroup, ...]:
-    ends = torch.cumsum(count, 0).tolist()
+    """Consecutive whole chunks of about ``rows_per_group`` rows; one host read of four values per chunk."""
+    if count.numel() == 0 or rows.numel() == 0:
+        return ()
+    ends = torch.cumsum(count, 0)
     # breaks[i]: how many non-consecutive steps rows[0..i] contain; a group is contiguous if none inside.
-    breaks = [0] + torch.cumsum((rows[1:] - rows[:-1] != 1).long(), 0).tolist()
-    groups, first = [], 0
-    while first < len(ends):
-        start = ends[first - 1] if first else 0
-        last = first
+    breaks = torch.cat([rows.new_zeros(1), torch.cumsum((rows[1:] - rows[:-1] != 1).long(), 0)])
+    last_row = rows.numel() - 1
+    first = (ends - count).clamp_max(last_row)  # (an empty chunk, possible only unvalidated, reads a neighbour)
+    end = (ends - 1).clamp(0, last_row)
+    ends, first_breaks, end_breaks, first_rows = torch.stack([ends, breaks[first], breaks[end], rows[first]]).tolist()
+    groups, chunk = [], 0
+    while chunk < len(ends):
+        start = ends[chunk - 1] if chunk else 0
+        last = chunk
         while last + 1 < len(ends) and ends[last + 1] - start <= rows_per_group:
             last += 1
         stop = ends[last]
-        contiguous = breaks[stop - 1] == breaks[start]
-        logits_rows = slice(int(rows[start]), int(rows[start]) + stop - start) if contiguous else rows[start:stop]
-        groups.append(RowGroup(slice(start, stop), slice(first, last + 1), logits_rows))
-        first = last + 1
+        contiguous = stop == start or end_breaks[last] == first_breaks[chunk]
+        first_row = first_rows[chunk]
+        logits_rows = slice(first_row, first_row + stop - start) if contiguous else rows[start:stop]
+        groups.append(RowGroup(slice(start, stop), slice(chunk, last + 1), logits_rows))
+        chunk = last + 1
     return tuple(groups)
 
 

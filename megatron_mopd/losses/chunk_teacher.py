@@ -13,7 +13,8 @@ row r's support is its K ids, and the kept ids are renormalized to sum to 1.
 
 Ids outside ``allowed`` (e.g. teacher tokens no student token projects to) are dropped before the
 top-``keep`` selection: in ``tail`` mode their mass joins the tail. Non-differentiable bookkeeping on
-[rows, K] tensors: no student-vocabulary tensor is involved.
+[rows, K] tensors of fixed shapes (no host sync unless validating): no student-vocabulary tensor is
+involved.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from megatron_mopd.losses.topk import TAIL_MODES, TailMode, validate_teacher_top
 class ChunkTeacher:
     """The teacher per chunk: ``ids`` int64 [C, keep] (−1 = absent; most probable first) and
     ``probs`` float32 [C, keep] (0 where absent). ``tail_mass`` float32 [C]: 1 − Σ probs in
-    ``tail`` mode, 0 in ``renorm`` mode."""
+    ``tail`` mode, 0 in ``renorm`` mode. ``rows`` int64 [C]: the teacher rows averaged per chunk
+    (0: the chunk has no teacher row, possible only without validation)."""
 
     ids: torch.Tensor
     probs: torch.Tensor
     tail_mass: torch.Tensor
+    rows: Optional[torch.Tensor] = None
 
     @property
     def present(self) -> torch.Tensor:
@@ -52,19 +55,24 @@ def chunk_teacher_distributions(
     tail: TailMode = "tail",
     keep: Optional[int] = None,
     allowed: Optional[torch.Tensor] = None,
+    validate: bool = True,
 ) -> ChunkTeacher:
     """Average the teacher's per-row top-K distributions over each chunk's rows.
 
     Args:
         topk_logprobs, topk_ids: ``[..., K]`` the teacher's raw log-probabilities (−inf = absent)
             and teacher-vocabulary ids, one row per teacher position.
-        chunk_ids: int ``[...]`` the chunk each row belongs to, −1 for rows outside every chunk.
+        chunk_ids: int ``[...]`` the chunk each row belongs to, −1 for rows outside every chunk (any
+            device; moved to the teacher's).
         num_chunks: C; every chunk in ``[0, C)`` must have at least one row.
         teacher_vocab_size: ids must lie in ``[0, teacher_vocab_size)``.
         temperature: τ, applied per row over its support before averaging.
         tail: ``"tail"`` or ``"renorm"`` (module docstring).
         keep: ids kept per chunk (default K).
         allowed: optional bool ``[teacher_vocab_size]``; ids where it is False are dropped.
+        validate: check the teacher's values (``validate_teacher_topk``) and the chunk ids (below C,
+            every chunk with a row) on the device, raising ValueError; host syncs. False: no host
+            sync at all (every tensor keeps its shape: no masking, no ``unique``).
     """
     if tail not in TAIL_MODES:
         raise ValueError(f"tail must be one of {TAIL_MODES}, got {tail!r}")
@@ -81,49 +89,60 @@ def chunk_teacher_distributions(
         check_mass=tail == "tail",
         leading_shape=chunk_ids.shape,
         vocabulary="teacher",
+        validate=validate,
     )
     device = topk_ids.device
-    chunks = chunk_ids.reshape(-1).long()
-    if chunks.numel() and int(chunks.max()) >= num_chunks:
+    chunks = chunk_ids.reshape(-1).to(device, torch.long, non_blocking=True)
+    if validate and chunks.numel() and int(chunks.max()) >= num_chunks:
         raise ValueError(f"teacher chunk id {int(chunks.max())} >= num_chunks={num_chunks}")
-    scored = chunks >= 0
-    rows_per_chunk = torch.bincount(chunks[scored], minlength=num_chunks)
-    if num_chunks and int(rows_per_chunk.min()) == 0:
-        missing = int(torch.nonzero(rows_per_chunk == 0)[0])
+    # Rows outside every chunk (and, unvalidated, ids >= C) go to a spare chunk C, dropped at the end.
+    row_chunk = torch.where(chunks >= 0, chunks, num_chunks).clamp_max_(num_chunks)
+    rows_per_chunk = torch.zeros(num_chunks + 1, dtype=torch.long, device=device).index_add_(
+        0, row_chunk, torch.ones_like(row_chunk)
+    )
+    if validate and num_chunks and int(rows_per_chunk[:num_chunks].min()) == 0:
+        missing = int(torch.nonzero(rows_per_chunk[:num_chunks] == 0)[0])
         raise ValueError(
             f"chunk {missing} has no teacher row: the teacher's scores do not cover a position the "
             f"alignment needs (missing position, or chunk ids not from align_batch)"
         )
 
-    row_probs = _tempered_row_probs(
-        topk_logprobs.reshape(-1, k)[scored].float(), present.reshape(-1, k)[scored], temperature, tail
-    )
-    row_chunk = chunks[scored][:, None].expand(-1, k)
-    ids = topk_ids.reshape(-1, k)[scored].long()
-    keep_entry = present.reshape(-1, k)[scored]
+    present = present.reshape(-1, k)
+    row_probs = _tempered_row_probs(topk_logprobs.reshape(-1, k).float(), present, temperature, tail)
+    ids = topk_ids.reshape(-1, k).long()
+    keep_entry = present & (row_chunk < num_chunks)[:, None]
     if allowed is not None:
-        keep_entry = keep_entry & allowed.to(device)[ids.clamp(0, teacher_vocab_size - 1)]
-    entry_chunk, entry_id = row_chunk[keep_entry], ids[keep_entry]
-    entry_prob = row_probs[keep_entry] / rows_per_chunk[entry_chunk]
+        keep_entry &= allowed.to(device, non_blocking=True)[ids.clamp(0, teacher_vocab_size - 1)]
+    entry_chunk = row_chunk[:, None].expand(-1, k)
+    entry_prob = torch.where(keep_entry, row_probs / rows_per_chunk.clamp_min(1)[entry_chunk], 0.0).reshape(-1)
 
-    # Merge equal (chunk, id) entries, then keep the `keep` most probable ids of each chunk.
-    key, inverse = torch.unique(entry_chunk * teacher_vocab_size + entry_id, return_inverse=True)
-    merged = torch.zeros(key.numel(), dtype=torch.float32, device=device).index_add_(0, inverse, entry_prob)
+    # Merge equal (chunk, id) entries: sort the keys, sum each run of equal keys into its segment.
+    # Dropped entries share the largest key, chunk C's. Then keep the `keep` most probable ids per chunk.
+    dropped = num_chunks * teacher_vocab_size
+    key = torch.where(keep_entry, entry_chunk * teacher_vocab_size + ids, dropped).reshape(-1)
+    sorted_key, by_key = torch.sort(key, stable=True)
+    starts = torch.ones_like(sorted_key, dtype=torch.bool)
+    starts[1:] = sorted_key[1:] != sorted_key[:-1]
+    segment = torch.cumsum(starts, 0) - 1
+    merged = torch.zeros(key.numel(), dtype=torch.float32, device=device).index_add_(0, segment, entry_prob[by_key])
+    segment_key = torch.full_like(key, dropped).scatter_(0, segment, sorted_key)  # unused segments: dropped
     by_prob = torch.argsort(merged, descending=True, stable=True)
-    order = by_prob[torch.argsort(key[by_prob] // teacher_vocab_size, stable=True)]
-    chunk_of = key[order] // teacher_vocab_size
+    order = by_prob[torch.argsort(segment_key[by_prob] // teacher_vocab_size, stable=True)]
+    chunk_of = segment_key[order] // teacher_vocab_size
     first = torch.searchsorted(chunk_of, chunk_of, right=False)
     rank = torch.arange(order.numel(), device=device) - first
-    kept = rank < keep
-    out_ids = torch.full((num_chunks, keep), -1, dtype=torch.long, device=device)
-    out_probs = torch.zeros((num_chunks, keep), dtype=torch.float32, device=device)
-    out_ids[chunk_of[kept], rank[kept]] = key[order][kept] % teacher_vocab_size
-    out_probs[chunk_of[kept], rank[kept]] = merged[order][kept]
+    kept = (rank < keep) & (chunk_of < num_chunks)
+    target = (torch.where(kept, chunk_of, num_chunks), torch.where(kept, rank, 0))
+    out_ids = torch.full((num_chunks + 1, keep), -1, dtype=torch.long, device=device)
+    out_probs = torch.zeros((num_chunks + 1, keep), dtype=torch.float32, device=device)
+    out_ids.index_put_(target, torch.where(kept, segment_key[order] % teacher_vocab_size, -1))
+    out_probs.index_put_(target, torch.where(kept, merged[order], 0.0))
+    out_ids, out_probs, rows_per_chunk = out_ids[:num_chunks], out_probs[:num_chunks], rows_per_chunk[:num_chunks]
     if tail == "renorm":
         mass = out_probs.sum(-1, keepdim=True)
         out_probs = torch.where(mass > 0, out_probs / mass.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-        return ChunkTeacher(out_ids, out_probs, torch.zeros(num_chunks, device=device))
-    return ChunkTeacher(out_ids, out_probs, (1.0 - out_probs.sum(-1)).clamp_min_(0.0))
+        return ChunkTeacher(out_ids, out_probs, torch.zeros(num_chunks, device=device), rows_per_chunk)
+    return ChunkTeacher(out_ids, out_probs, (1.0 - out_probs.sum(-1)).clamp_min_(0.0), rows_per_chunk)
 
 
 def _tempered_row_probs(

@@ -71,38 +71,45 @@ def projected_kl(
     tp_group: Optional[ProcessGroup] = None,
     chunk_size: Optional[int] = None,
     scale_by_temperature_squared: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor:
     """P-KL per aligned chunk between vocab-sharded student logits and a cross-tokenizer teacher.
 
     Args:
         student_logits: ``[..., V_local]`` this rank's shard of the student's logits.
-        student_chunk_ids: int ``[...]`` the chunk each student position predicts into, −1 = none.
+        student_chunk_ids: int ``[...]`` the chunk each student position predicts into, −1 = none;
+            on any device (on the host, as the trainer's alignment gives them, they cost no device
+            sync).
         teacher_topk_logprobs, teacher_topk_ids: ``[..., K]`` the teacher's raw top-K per teacher
             row (teacher-vocabulary ids; −inf = absent), e.g. ``TeacherLogprobs`` of a remote teacher.
         teacher_chunk_ids: int ``[...]`` (the teacher rows' leading shape) the chunk of each row.
         projection: the ``crosstok.VocabProjection`` from the student's to the teacher's vocabulary.
-        num_chunks: C (default: 1 + the largest chunk id); each chunk needs a student position and a
-            teacher row.
+        num_chunks: C (default: 1 + the largest chunk id, a host sync: required with
+            ``validate=False``); each chunk needs a student position and a teacher row.
         beta: 0 = forward KL(T‖S) (default), 1 = reverse KL(S‖T), between: generalized JSD.
         temperature, vocab_size, tp_group, chunk_size, scale_by_temperature_squared: as in
             ``generalized_jsd``; the teacher is tempered per row over its support.
         tail: ``"tail"`` (the teacher's ids plus one bucket for the rest, default) or ``"renorm"``.
+        validate: check the chunk ids and the teacher's values on the device (``topk_generalized_jsd``'s
+            checks, in the teacher vocabulary) and raise ValueError naming the first bad one; host
+            syncs. False: none of these checks and no host sync for them; a chunk without a student
+            position or a teacher row gets a NaN loss.
     Returns:
         float32 ``[C]``, identical on every TP rank.
     """
     validate_beta(beta)
     setup = _CrossTokenizerInputs.of(
         student_logits, student_chunk_ids, teacher_chunk_ids, projection, num_chunks,
-        temperature, tail, vocab_size, tp_group, chunk_size,
+        temperature, tail, vocab_size, tp_group, chunk_size, validate,
     )
     teacher = chunk_teacher_distributions(
         teacher_topk_logprobs, teacher_topk_ids, teacher_chunk_ids, setup.num_chunks,
         teacher_vocab_size=projection.teacher_vocab_size, temperature=temperature, tail=tail,
-        allowed=projection.teacher_reachable(),
+        allowed=projection.teacher_reachable(), validate=validate,
     )
     indices, weights = _projection_rows(projection, setup.shard, student_logits.device)
     student = setup.statistics(student_logits, projection=ProjectionRequest(teacher.ids, indices, weights))
-    loss = _chunk_divergence(student.projected, teacher, beta, tail)
+    loss = _uncovered_chunks_nan(_chunk_divergence(student.projected, teacher, beta, tail), setup, teacher)
     return loss * temperature**2 if scale_by_temperature_squared else loss
 
 
@@ -125,6 +132,7 @@ def gold_loss(
     tp_group: Optional[ProcessGroup] = None,
     chunk_size: Optional[int] = None,
     scale_by_temperature_squared: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor:
     """GOLD hybrid loss per aligned chunk: JSD(β) on common tokens + ULD on the rest.
 
@@ -147,14 +155,17 @@ def gold_loss(
         raise ValueError(f"common_threshold must be in [0, 1], got {common_threshold}")
     setup = _CrossTokenizerInputs.of(
         student_logits, student_chunk_ids, teacher_chunk_ids, projection, num_chunks,
-        temperature, tail, vocab_size, tp_group, chunk_size,
+        temperature, tail, vocab_size, tp_group, chunk_size, validate,
     )
     shard, device = setup.shard, student_logits.device
     teacher = chunk_teacher_distributions(
         teacher_topk_logprobs, teacher_topk_ids, teacher_chunk_ids, setup.num_chunks,
         teacher_vocab_size=projection.teacher_vocab_size, temperature=temperature, tail=tail,
+        validate=validate,
     )
-    common_student, common_teacher = (ids.to(device) for ids in projection.common_pairs(common_threshold))
+    common_student, common_teacher = (
+        ids.to(device, non_blocking=True) for ids in projection.common_pairs(common_threshold)
+    )
     if matched_weight is None:
         matched_weight = common_teacher.numel() / projection.teacher_vocab_size
         unmatched_weight = 1.0 - matched_weight
@@ -179,7 +190,7 @@ def gold_loss(
     both = (teacher_rest >= 0) & (student.top_ids >= 0)  # sorted lists: a prefix of each
     unmatched_loss = torch.where(both, (student.top_values - teacher_rest).abs(), 0.0).sum(-1)
 
-    loss = matched_weight * matched_loss + unmatched_weight * unmatched_loss
+    loss = _uncovered_chunks_nan(matched_weight * matched_loss + unmatched_weight * unmatched_loss, setup, teacher)
     return loss * temperature**2 if scale_by_temperature_squared else loss
 
 
@@ -208,6 +219,7 @@ class _CrossTokenizerInputs:
         vocab_size: Optional[int],
         tp_group: Optional[ProcessGroup],
         chunk_size: Optional[int],
+        validate: bool,
     ) -> "_CrossTokenizerInputs":
         validate_temperature(temperature)
         if tail not in TAIL_MODES:
@@ -225,19 +237,31 @@ class _CrossTokenizerInputs:
                 f"tokenizer (rebuild it with `mopd build-projection`) or vocab_size is wrong"
             )
         if num_chunks is None:
-            ids = [t.max() for t in (student_chunk_ids, teacher_chunk_ids) if t.numel()]
+            if not validate:
+                raise ValueError(
+                    "num_chunks is required with validate=False (reading it off the chunk ids is a host "
+                    "sync): pass the num_chunks of align_batch"
+                )
+            ids = [t.max().cpu() for t in (student_chunk_ids, teacher_chunk_ids) if t.numel()]
             num_chunks = int(torch.stack(ids).max()) + 1 if ids else 0
         rows = chunk_rows(chunk_size, shard.local_size, student_logits.device)
-        positions = ScoredPositions.of(student_chunk_ids, num_chunks, rows)
+        positions = ScoredPositions.of(student_chunk_ids, num_chunks, rows, device=student_logits.device,
+                                       validate=validate)
         logits_2d = student_logits.reshape(-1, shard.local_size)
         lse = scored_logsumexp(logits_2d.detach(), positions, shard, temperature)
         return cls(shard, positions, lse, rows, num_chunks, temperature)
 
 
+def _uncovered_chunks_nan(loss: torch.Tensor, setup: _CrossTokenizerInputs, teacher: ChunkTeacher) -> torch.Tensor:
+    """NaN for a chunk without a student position or a teacher row (unvalidated input only): such a
+    chunk has no loss, and a finite stand-in would pass unnoticed."""
+    return torch.where((setup.positions.count > 0) & (teacher.rows > 0), loss, torch.nan)
+
+
 def _projection_rows(projection, shard: VocabShard, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's rows of W: (teacher ids, weights) ``[V_local, R]`` on ``device``."""
     rows = projection.shard(shard.start, shard.start + shard.local_size)
-    return rows.indices.to(device), rows.weights.to(device)
+    return rows.indices.to(device, non_blocking=True), rows.weights.to(device, non_blocking=True)
 
 
 def _restricted(teacher: ChunkTeacher, keep: torch.Tensor, tail: str) -> ChunkTeacher:

@@ -65,41 +65,48 @@ def generalized_jsd_terms(
     """
     s, t = student_logp, teacher_logp
     # The KLs drop the entries whose weight is exactly 0 (0·log 0 = 0) with masked_fill_ on ``== 0``:
-    # a NaN weight is not 0 and still propagates. The mixture needs no mask (_log_ratios_to_mixture).
+    # a NaN weight is not 0 and still propagates. The mixture needs no mask (log_ratios_to_mixture_).
     if beta == 0.0:
         p_t = t.exp()
-        loss = _rowdot(p_t, (t - s).masked_fill_(p_t == 0, 0.0))
+        loss = rowdot(p_t, (t - s).masked_fill_(p_t == 0, 0.0))
         return loss, p_t.neg_()
     p_s = s.exp()
     if beta == 1.0:
         log_ratio = (s - t).masked_fill_(p_s == 0, 0.0)
-        loss = _rowdot(p_s, log_ratio)
+        loss = rowdot(p_s, log_ratio)
         return loss, log_ratio.add_(1.0).mul_(p_s)
-    m_minus_s, t_minus_m = _log_ratios_to_mixture(s, t, beta)
+    m_minus_s, t_minus_m = log_ratios_to_mixture_((t - s).nan_to_num_(), beta, torch.empty_like(s))
     student_term = m_minus_s.mul_(p_s)  # p_s (m − s)
-    loss = _rowdot(t.exp(), t_minus_m).mul_(beta).sub_(student_term.sum(-1), alpha=1.0 - beta)
+    loss = rowdot(t.exp(), t_minus_m).mul_(beta).sub_(student_term.sum(-1), alpha=1.0 - beta)
     return loss, student_term.mul_(beta - 1.0)
 
 
-def _log_ratios_to_mixture(
-    s: torch.Tensor, t: torch.Tensor, beta: float
+def log_ratios_to_mixture_(
+    d: torch.Tensor, beta: float, workspace: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(m − s, t − m) for m = log((1−β)e^s + βe^t), without cancellation when s ≈ t.
+    """(m − s, t − m) for m = log((1−β)e^s + βe^t), given d = t − s, without cancellation when s ≈ t.
 
-    With d = t − s, w = β if d < 0 else 1 − β and l = log1p(w · expm1(−|d|)):
+    With w = β if d < 0 else 1 − β and l = log1p(w · expm1(−|d|)):
     m − s = max(d, 0) + l and t − m = min(d, 0) − l. Both are exactly 0 when s = t; expm1(−|d|)
     never overflows. w · expm1(−|d|) = (½ + (½ − β)·sign(d)) · expm1(−|d|): at d = 0 the weight does
     not matter.
 
-    Zero probabilities: d is taken with NaN → 0 (both sides -inf) and ±inf → ±float32 max (one side
-    -inf). Then the ratio of a side with mass is exact (d = +max gives l = log β, d = −max gives
-    l = log(1 − β)) and the ratio of a side at -inf is finite, so its 0 weight zeroes its term (a
-    ratio of ±inf would give 0·∞ = NaN). A NaN input still propagates, through its weight e^s or e^t.
+    In place: t − m is written into ``d``; ``workspace`` (float32, d's shape) holds l. Returns
+    (m − s, t − m).
+
+    Zero probabilities: the caller takes d with NaN → 0 (both sides -inf, ``nan_to_num_``) and
+    ±inf → ±float32 max (one side -inf). Then the ratio of a side with mass is exact (d = +max gives
+    l = log β, d = −max gives l = log(1 − β)) and the ratio of a side at -inf is finite, so its 0
+    weight zeroes its term (a ratio of ±inf would give 0·∞ = NaN). A NaN input still propagates,
+    through its weight e^s or e^t.
     """
-    d = (t - s).nan_to_num_()
-    l = d.abs().neg_().expm1_()
-    l.mul_(0.5).addcmul_(l, torch.sign(d), value=1.0 - 2.0 * beta).log1p_()
-    m_minus_s = d.clamp_min(0.0).add_(l)
+    l = torch.abs(d, out=workspace).neg_().expm1_()
+    if beta == 0.5:
+        l.mul_(0.5)
+    else:
+        l.mul_(0.5).addcmul_(l, torch.sign(d), value=1.0 - 2.0 * beta)
+    l.log1p_()
+    m_minus_s = torch.clamp_min(d, 0.0).add_(l)
     return m_minus_s, d.clamp_max_(0.0).sub_(l)
 
 
@@ -113,7 +120,7 @@ def fused_generalized_jsd_terms() -> Callable[..., tuple[torch.Tensor, torch.Ten
     return torch.compile(generalized_jsd_terms, dynamic=True)
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Σ over the last dimension of a·b, without materializing the product."""
     return torch.linalg.vecdot(a, b)
 

@@ -16,14 +16,16 @@ gradient flows into ``teacher_logits``.
 
 A -inf logit is a token of probability 0 on that side (divergence.py says which β make the loss
 +inf). A NaN or +inf teacher logit, or a teacher row of only -inf, is not a distribution: it makes
-that position's loss NaN (or +inf), so after the loop one check of the per-token loss (the call's
-only device sync) finds such rows and raises ValueError. A NaN or +inf student logit gives a NaN
-(or +inf) loss at its position, never a finite one.
+that position's loss NaN (or +inf), so with ``validate`` one check of the per-token loss after the
+forward (the call's only host sync) finds such rows and raises ValueError; without it the loss stays
+non-finite there. A NaN or +inf student logit gives a NaN (or +inf) loss at its position, never a
+finite one.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -31,6 +33,8 @@ from megatron_mopd.parallel.chunking import chunk_rows, row_slices, tempered_fp3
 from megatron_mopd.losses.divergence import (
     fused_generalized_jsd_terms,
     generalized_jsd_terms,
+    log_ratios_to_mixture_,
+    rowdot,
     validate_beta,
     validate_temperature,
 )
@@ -50,32 +54,24 @@ class _VocabParallelGeneralizedJSD(torch.autograd.Function):
         loss_scale: float,
         fused: bool,
     ) -> torch.Tensor:
-        divergence_terms = fused_generalized_jsd_terms() if fused else generalized_jsd_terms
         z_s = student_logits.reshape(-1, shard.local_size)
         z_t = teacher_logits.reshape(-1, shard.local_size)
         num_tokens, valid = z_s.shape[0], shard.num_valid
 
         loss = torch.empty(num_tokens, dtype=torch.float32, device=z_s.device)
-        grad = shard.empty_with_zero_padding(z_s, torch.float32)
+        # The gradient is written chunk by chunk in the logits' dtype: no float32 copy of a bf16 shard.
+        grad = shard.empty_with_zero_padding(z_s, student_logits.dtype)
+        chunk = _mixture_chunk if 0.0 < beta < 1.0 else _divergence_chunk
         coef = loss_scale / temperature
         for rows in row_slices(num_tokens, rows_per_chunk):
-            s, t = shard.log_softmax(
-                tempered_fp32(z_s[rows, :valid], temperature), tempered_fp32(z_t[rows, :valid], temperature)
-            )
-            partial_loss, g = divergence_terms(s, t, beta)
-            del t
-            loss_and_g_sum = shard.all_reduce_(torch.stack([partial_loss, g.sum(-1)]))
-            loss[rows] = loss_and_g_sum[0]
-            # ∂loss/∂z_s = (g − p_s Σg) / τ, written straight into the gradient buffer.
-            torch.mul(g, coef, out=grad[rows, :valid]).addcmul_(
-                s.exp_(), loss_and_g_sum[1, :, None], value=-coef
-            )
+            out = grad[rows, :valid]
+            work = out if out.dtype == torch.float32 else torch.empty(out.shape, device=out.device)
+            loss[rows] = chunk(z_s[rows, :valid], z_t[rows, :valid], shard, beta, temperature, coef, work, fused)
+            if work is not out:
+                out.copy_(work)
 
-        if not bool(torch.isfinite(loss).all()):
-            leading_shape = teacher_logits.shape[:-1]
-            _raise_on_invalid_teacher_rows(z_t, loss, shard, temperature, rows_per_chunk, leading_shape)
         ctx.save_for_backward(grad)
-        ctx.logits_shape, ctx.logits_dtype = student_logits.shape, student_logits.dtype
+        ctx.logits_shape, ctx.rows_per_chunk = student_logits.shape, rows_per_chunk
         ctx.backward_done = False
         return loss.mul_(loss_scale).view(student_logits.shape[:-1])
 
@@ -85,9 +81,105 @@ class _VocabParallelGeneralizedJSD(torch.autograd.Function):
             raise RuntimeError("generalized_jsd reuses its gradient buffer: backward runs only once")
         ctx.backward_done = True
         (grad,) = ctx.saved_tensors
-        grad.mul_(grad_loss.reshape(-1, 1))
-        grad_logits = grad.view(ctx.logits_shape).to(ctx.logits_dtype)
-        return grad_logits, None, None, None, None, None, None, None
+        grad_loss = grad_loss.reshape(-1, 1).float()
+        # Row chunks: a bf16 buffer times float32 factors in one op would make float32 copies of it.
+        for rows in row_slices(grad.shape[0], ctx.rows_per_chunk):
+            part = grad[rows]
+            if part.dtype == torch.float32:
+                part.mul_(grad_loss[rows])
+            else:
+                part.copy_(part.float().mul_(grad_loss[rows]))
+        return grad.view(ctx.logits_shape), None, None, None, None, None, None, None
+
+
+def _tempered_log_softmax(
+    shard: VocabShard, student: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (s, t) = global log_softmax of ``student / τ`` and ``teacher / τ`` over the vocabulary.
+
+    One all-gather of 2 scalars per token (each rank's logsumexp of both sides).
+    """
+    return tuple(shard.log_softmax(tempered_fp32(student, temperature), tempered_fp32(teacher, temperature)))
+
+
+def _divergence_chunk(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    shard: VocabShard,
+    beta: float,
+    temperature: float,
+    coef: float,
+    grad_out: torch.Tensor,
+    fused: bool,
+) -> torch.Tensor:
+    """One chunk through ``generalized_jsd_terms`` (any β): the loss [n]; ∂loss/∂z · coef·τ into ``grad_out``.
+
+    ∂loss/∂z_s = (g − p_s · Σ_v g_v) / τ, with one all-reduce of 2 scalars per token (partial loss
+    and Σ_v g_v).
+    """
+    divergence_terms = fused_generalized_jsd_terms() if fused else generalized_jsd_terms
+    s, t = _tempered_log_softmax(shard, student, teacher, temperature)
+    partial_loss, g = divergence_terms(s, t, beta)
+    del t
+    loss_and_g_sum = shard.all_reduce_(torch.stack([partial_loss, g.sum(-1)]))
+    torch.mul(g, coef, out=grad_out).addcmul_(s.exp_(), loss_and_g_sum[1, :, None], value=-coef)
+    return loss_and_g_sum[0]
+
+
+def _mixture_chunk(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    shard: VocabShard,
+    beta: float,
+    temperature: float,
+    coef: float,
+    grad_out: torch.Tensor,
+    fused: bool,
+) -> torch.Tensor:
+    """``_divergence_chunk`` for 0 < β < 1, in fewer passes over the chunk.
+
+    With r = m − s (divergence.py's mixture log-ratios) the mixture's terms simplify:
+
+        g = (β − 1) · p_s · r,  Σ_v g_v = (β − 1) · R  where R = Σ_v p_s · r
+        loss = β · Σ_v p_t · (t − m) − (1 − β) · R
+        ∂loss/∂z = (g − p_s · Σ_v g_v) / τ = (β − 1) / τ · p_s · (r − R)
+
+    so p_s and p_t are each exponentiated once and R serves both the loss and the gradient. One
+    all-reduce of 2 scalars per token (Σ_v p_t · (t − m) and R). ``fused``: the two local halves run
+    as ``torch.compile``-fused kernels.
+    """
+    sums, gradient = fused_mixture_parts() if fused else (_mixture_sums, _mixture_gradient_)
+    s, t = _tempered_log_softmax(shard, student, teacher, temperature)
+    partial_sums, m_minus_s, p_s = sums(s, t, beta)
+    teacher_term, r_sum = shard.all_reduce_(partial_sums)
+    gradient(grad_out, p_s, m_minus_s, r_sum, coef * (beta - 1.0))
+    return teacher_term.mul_(beta).sub_(r_sum, alpha=1.0 - beta)
+
+
+def _mixture_sums(
+    s: torch.Tensor, t: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Local half of ``_mixture_chunk`` before its all-reduce; consumes ``s`` and ``t``.
+
+    Returns ``(sums [2, n], r [n, V], p_s [n, V])`` with sums = (Σ_v p_t · (t − m), Σ_v p_s · r)
+    over this rank's columns.
+    """
+    m_minus_s, t_minus_m = log_ratios_to_mixture_(torch.sub(t, s).nan_to_num_(), beta, torch.empty_like(s))
+    p_s = s.exp_()
+    return torch.stack([rowdot(t.exp_(), t_minus_m), rowdot(p_s, m_minus_s)]), m_minus_s, p_s
+
+
+def _mixture_gradient_(
+    out: torch.Tensor, p_s: torch.Tensor, m_minus_s: torch.Tensor, r_sum: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Write ``scale · p_s · (r − R)`` into ``out`` (float32 [n, V]); R = ``r_sum`` [n]."""
+    return torch.sub(m_minus_s, r_sum[:, None], out=out).mul_(p_s).mul_(scale)
+
+
+@functools.cache
+def fused_mixture_parts() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``_mixture_sums`` and ``_mixture_gradient_`` compiled by ``torch.compile`` (built on first use)."""
+    return torch.compile(_mixture_sums, dynamic=True), torch.compile(_mixture_gradient_, dynamic=True)
 
 
 def _raise_on_invalid_teacher_rows(
@@ -139,6 +231,7 @@ def generalized_jsd(
     chunk_size: Optional[int] = None,
     scale_by_temperature_squared: bool = False,
     fused: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Per-token generalized JSD between vocab-sharded student and teacher logits.
 
@@ -147,7 +240,7 @@ def generalized_jsd(
             -inf marks a token of probability 0; a NaN or +inf logit gives a non-finite loss there.
         teacher_logits: same shape and sharding as ``student_logits``; treated as a constant. -inf
             marks a token of probability 0; a NaN or +inf logit, or a position whose logits are all
-            -inf, raises ValueError.
+            -inf, raises ValueError (with ``validate``; else that position's loss is not finite).
         beta: 0 → forward KL(T‖S), 1 → reverse KL(S‖T), else β·KL(T‖M) + (1−β)·KL(S‖M) with
             M = (1−β)·S + β·T (TRL's convention).
         temperature: τ > 0; both sides are softened as ``log_softmax(z / τ)``.
@@ -156,9 +249,11 @@ def generalized_jsd(
         tp_group: tensor-parallel group; None → Megatron's when initialized, else no TP.
         chunk_size: tokens per chunk for the float32 temporaries (None: automatic).
         scale_by_temperature_squared: multiply the loss (and gradient) by τ².
-        fused: compute each chunk's divergence with ``torch.compile``-fused kernels (1.3-1.5x faster
-            end to end on CPU in tools/bench_losses.py; compiles on first use, needs a C++ compiler
-            on CPU or Triton on CUDA).
+        fused: compute each chunk's divergence with ``torch.compile``-fused kernels (README's
+            benchmark gives the measured gain; compiles on first use, needs a C++ compiler on CPU or
+            Triton on CUDA).
+        validate: check the loss for non-finite values after the forward (one host sync) and raise
+            ValueError naming the first invalid teacher position. False: no host sync.
     Returns:
         float32 ``[...]``: the loss of each position (identical on every TP rank). Reduce it with
         ``masked_sum_and_count``. Backward keeps one float32 buffer of the local logits' size.
@@ -176,6 +271,11 @@ def generalized_jsd(
     shard = VocabShard.of(student_logits.shape[-1], vocab_size, tp_group)
     rows = chunk_rows(chunk_size, shard.local_size, student_logits.device)
     scale = temperature**2 if scale_by_temperature_squared else 1.0
-    return _VocabParallelGeneralizedJSD.apply(
+    loss = _VocabParallelGeneralizedJSD.apply(
         student_logits, teacher_logits.detach(), shard, beta, temperature, rows, scale, fused
     )
+    if validate and not bool(torch.isfinite(loss).all()):
+        z_t = teacher_logits.detach().reshape(-1, shard.local_size)
+        _raise_on_invalid_teacher_rows(z_t, loss.detach().reshape(-1), shard, temperature, rows,
+                                       teacher_logits.shape[:-1])
+    return loss

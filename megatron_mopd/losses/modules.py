@@ -5,7 +5,8 @@
 
 They return ``(sum, count)`` over the kept positions (labels != -100 and loss_mask != 0) — or, for the
 cross-tokenizer losses, over the aligned chunks — the form Megatron's schedules reduce over
-micro-batches and data-parallel ranks (``calculate_per_token_loss``).
+micro-batches and data-parallel ranks (``calculate_per_token_loss``). ``validate=False`` (every
+module) skips the losses' checks of input values, and so their host syncs (see each loss).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class _DivergenceLoss(nn.Module):
         tp_group: Optional[ProcessGroup] = None,
         chunk_size: Optional[int] = None,
         scale_by_temperature_squared: bool = False,
+        validate: bool = True,
     ) -> None:
         super().__init__()
         self.options = dict(
@@ -41,6 +43,7 @@ class _DivergenceLoss(nn.Module):
             tp_group=tp_group,
             chunk_size=chunk_size,
             scale_by_temperature_squared=scale_by_temperature_squared,
+            validate=validate,
         )
 
     def extra_repr(self) -> str:

@@ -71,6 +71,7 @@ def teacher_losses(
     teachers: Mapping[str, TeacherInputs],
     *,
     routes: Optional[Mapping[str, torch.Tensor]] = None,
+    validate: bool = True,
     **common: Any,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Each teacher's ``(loss sum, count)`` on the student's logits shard ``[B, T, V_local]``.
@@ -78,19 +79,22 @@ def teacher_losses(
     Args:
         labels: ``[B, T]`` next-token labels, −100 where no loss is taken (same-tokenizer teachers).
         routes: from ``route_by_sample``; None scores every sample with every teacher.
+        validate: check every loss input on the device (each loss's checks, and that a cross-tokenizer
+            teacher has no chunks on another teacher's samples), raising ValueError; host syncs.
+            False: no host sync.
         common: keywords every loss takes (temperature, vocab_size, tp_group, chunk_size…).
     """
     out = {}
     for name, teacher in teachers.items():
         route = None if routes is None else routes[name].to(labels.device)
-        options = {**common, **teacher.options}
+        options = {**common, **teacher.options, "validate": validate}
         if isinstance(teacher, SameTokenizerTeacher):
             loss = topk_generalized_jsd(student_logits, teacher.topk_logprobs, teacher.topk_ids, **options)
             mask = None if route is None else route[:, None].expand_as(labels)
             out[name] = masked_sum_and_count(loss, labels, loss_mask=mask)
             continue
-        if route is not None:
-            scored = (teacher.student_chunk_ids >= 0).any(-1)
+        if validate and route is not None:
+            scored = (teacher.student_chunk_ids >= 0).any(-1).to(route.device)
             if bool((scored & ~route).any()):
                 sample = int(torch.nonzero(scored & ~route)[0])
                 raise ValueError(

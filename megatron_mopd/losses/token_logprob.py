@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from megatron_mopd.losses.divergence import validate_temperature
-from megatron_mopd.parallel.chunking import chunk_rows, local_logsumexp, softmax_gradient
+from megatron_mopd.parallel.chunking import chunk_rows, softmax_gradient
 from megatron_mopd.parallel.vocab import ProcessGroup, VocabShard
 
 
@@ -37,8 +37,8 @@ class _VocabParallelTokenLogprob(torch.autograd.Function):
         ids = labels.reshape(-1, 1).long()
         present = ids >= 0
         ids = ids.clamp_min(0)
-        z_y = shard.gather_columns(z, ids, present).squeeze(-1).div_(temperature)
-        lse = shard.logsumexp(local_logsumexp(z, shard.num_valid, temperature, rows_per_chunk))
+        z_y, lse = shard.gather_columns_and_logsumexp(z, ids, present, temperature, rows_per_chunk)
+        z_y = z_y.squeeze(-1).div_(temperature)
         logp = torch.where(present.squeeze(-1), z_y - lse, 0.0)
         ctx.save_for_backward(z, lse, ids, present)
         ctx.shard, ctx.temperature, ctx.rows_per_chunk = shard, temperature, rows_per_chunk
@@ -66,6 +66,7 @@ def vocab_parallel_token_logprobs(
     vocab_size: Optional[int] = None,
     tp_group: Optional[ProcessGroup] = None,
     chunk_size: Optional[int] = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """log_softmax(logits / τ) at ``labels``, computed on this rank's vocabulary shard.
 
@@ -75,11 +76,13 @@ def vocab_parallel_token_logprobs(
         temperature: τ > 0.
         vocab_size: the true vocabulary size (ids at or above it are padding); None: no padding.
         tp_group, chunk_size: as in ``generalized_jsd``.
+        validate: check that no label is at or above the vocabulary size (one host sync). False: no
+            host sync; the labels are the caller's contract.
     Returns:
         float32 ``[...]``: the log-probability of each label (0 where skipped), identical on every
         TP rank; −inf where the label's logit is −inf.
     Raises:
-        ValueError: shapes that do not line up, or a label outside ``[0, vocab_size)``.
+        ValueError: shapes that do not line up, or (with ``validate``) a label at or above ``vocab_size``.
     """
     validate_temperature(temperature)
     if labels.shape != logits.shape[:-1]:
@@ -87,7 +90,7 @@ def vocab_parallel_token_logprobs(
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     shard = VocabShard.of(logits.shape[-1], vocab_size, tp_group)
-    if bool((labels >= shard.vocab_size).any()):
+    if validate and bool((labels >= shard.vocab_size).any()):
         raise ValueError(
             f"labels hold id {int(labels.max())} outside the vocabulary [0, {shard.vocab_size}): "
             f"the data was tokenized with another tokenizer than the model's"

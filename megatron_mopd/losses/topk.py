@@ -36,7 +36,7 @@ from megatron_mopd.losses.divergence import (
     validate_beta,
     validate_temperature,
 )
-from megatron_mopd.parallel.chunking import chunk_rows, local_logsumexp, softmax_gradient
+from megatron_mopd.parallel.chunking import chunk_rows, row_slices, softmax_gradient
 from megatron_mopd.parallel.vocab import ProcessGroup, VocabShard
 
 TailMode = Literal["tail", "renorm"]
@@ -69,9 +69,9 @@ class _VocabParallelTopKJSD(torch.autograd.Function):
         present = present.reshape(-1, k)
         t_raw = teacher_logprobs.reshape(-1, k).float()
 
-        student_at_ids = shard.gather_columns(z, ids, present).div_(temperature)
         if tail:
-            lse = shard.logsumexp(local_logsumexp(z, shard.num_valid, temperature, rows_per_chunk))
+            student_at_ids, lse = shard.gather_columns_and_logsumexp(z, ids, present, temperature, rows_per_chunk)
+            student_at_ids.div_(temperature)
             s_ids = torch.where(present, student_at_ids - lse[:, None], -torch.inf)
             p_ids = s_ids.exp()
             student_tail_mass = (1.0 - p_ids.sum(-1)).clamp_min_(_TINY)
@@ -80,7 +80,7 @@ class _VocabParallelTopKJSD(torch.autograd.Function):
             teacher = torch.cat([torch.where(present, t_raw, -torch.inf), teacher_tail.log()[:, None]], -1)
             teacher = torch.log_softmax(teacher / temperature, dim=-1)  # absent entries stay -inf
         else:
-            student = _renormalized(student_at_ids, present)
+            student = _renormalized(shard.gather_columns(z, ids, present).div_(temperature), present)
             teacher = _renormalized(t_raw / temperature, present)
 
         loss, g = generalized_jsd_terms(student, teacher, beta)
@@ -113,7 +113,9 @@ class _VocabParallelTopKJSD(torch.autograd.Function):
                                     ctx.temperature, ctx.rows_per_chunk, ctx.logits_dtype)
         else:
             grad = torch.zeros((ids.shape[0], shard.local_size), dtype=ctx.logits_dtype, device=ids.device)
-            grad.scatter_add_(-1, local_ids, ids_grad.to(grad.dtype))
+            ids_grad = ids_grad.to(grad.dtype)
+            for rows in row_slices(grad.shape[0], ctx.rows_per_chunk):  # bf16 scatter_add_ widens its target
+                grad[rows].scatter_add_(-1, local_ids[rows], ids_grad[rows])
         return grad.view(ctx.logits_shape), None, None, None, None, None, None, None, None, None
 
 
@@ -135,6 +137,7 @@ def topk_generalized_jsd(
     tp_group: Optional[ProcessGroup] = None,
     chunk_size: Optional[int] = None,
     scale_by_temperature_squared: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Per-token generalized JSD between vocab-sharded student logits and a teacher's top-K.
 
@@ -148,6 +151,11 @@ def topk_generalized_jsd(
             ``generalized_jsd``. The teacher is tempered on the support it has:
             ``log_softmax(logprob / τ)`` over its K entries (plus the tail bucket in ``tail`` mode).
         tail: ``"tail"`` (K+1 buckets, default) or ``"renorm"`` (renormalize over the K ids).
+        validate: check the teacher's values on the device (NaN / +inf, ids, repeats, mass) and raise
+            ValueError naming the first bad position; each check is a host sync. False: no host sync
+            (shapes and dtypes are still checked); the values are the caller's contract (a remote
+            teacher's are checked on the host as they arrive, ``teachers.protocols``), and a NaN or
+            +inf log-probability gives a non-finite loss at its position, never a finite one.
     Returns:
         float32 ``[...]``: the loss of each position (identical on every TP rank). A position with no
         present teacher entry contributes 0 in ``renorm`` mode; mask such positions out.
@@ -163,6 +171,7 @@ def topk_generalized_jsd(
         shard.vocab_size,
         check_mass=tail == "tail",
         leading_shape=student_logits.shape[:-1],
+        validate=validate,
     )
     rows = chunk_rows(chunk_size, shard.local_size, student_logits.device)
     scale = temperature**2 if scale_by_temperature_squared else 1.0
@@ -188,11 +197,16 @@ def validate_teacher_topk(
     check_mass: bool,
     leading_shape: torch.Size,
     vocabulary: str = "student",
+    validate: bool = True,
 ) -> torch.Tensor:
-    """Check a teacher's top-K tensors; return the mask of present entries (finite log-probs).
+    """Check a teacher's top-K tensors; return the mask of present entries (log-prob not -inf).
 
     ``leading_shape`` is the shape the positions must have (the tensor they line up with);
-    ``vocabulary`` names the vocabulary the ids index in error messages.
+    ``vocabulary`` names the vocabulary the ids index in error messages. Shapes and dtypes are always
+    checked (no device work). ``validate``: also check the values — no NaN / +inf, present ids in
+    ``[0, vocab_size)`` and distinct, and with ``check_mass`` a mass of at most 1 — one host sync
+    each; False checks none of them and syncs nothing. A NaN or +inf entry counts as present, so it
+    reaches the loss (a non-finite loss) instead of being dropped silently.
     """
     if logprobs.shape != ids.shape or logprobs.dim() == 0 or logprobs.shape[-1] < 1:
         raise ValueError(
@@ -206,9 +220,11 @@ def validate_teacher_topk(
         )
     if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
         raise ValueError(f"teacher_topk_ids must be an integer tensor, got {ids.dtype}")
+    present = logprobs != -torch.inf
+    if not validate:
+        return present
     if torch.isnan(logprobs).any() or torch.isposinf(logprobs).any():
         raise ValueError("teacher_topk_logprobs contains NaN or +inf; absent entries must be -inf")
-    present = torch.isfinite(logprobs)
     outside = present & ((ids < 0) | (ids >= vocab_size))
     if outside.any():
         where = tuple(torch.nonzero(outside)[0].tolist())

@@ -38,9 +38,11 @@ def vocab_parallel_topk(
     if not 1 <= k <= shard.vocab_size:
         raise ValueError(f"k must be in [1, vocab_size={shard.vocab_size}], got {k}")
     flat = logits.reshape(-1, shard.local_size)
-    local = flat[:, : shard.num_valid].float()
     k_local = min(k, shard.num_valid)
-    values, local_ids = local.topk(k_local, dim=-1)
+    # topk in the logits' own dtype (float32 conversion is exact and keeps the order): no float32
+    # copy of a bf16 shard.
+    values, local_ids = flat[:, : shard.num_valid].topk(k_local, dim=-1)
+    values = values.float()
     if k_local < k:  # this shard has fewer valid ids than k: pad with entries that never win
         pad = (0, k - k_local)
         values = torch.nn.functional.pad(values, pad, value=-torch.inf)

@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_mopd.parallel.chunking import local_logsumexp_and_gather
+
 ProcessGroup = dist.ProcessGroup
 
 
@@ -132,6 +134,33 @@ class VocabShard:
         local_ids, owned = self.owned_local_ids(ids, present)
         values = local.gather(-1, local_ids).float()
         return self.all_reduce_(torch.where(owned, values, 0.0))
+
+    def gather_columns_and_logsumexp(
+        self,
+        local: torch.Tensor,
+        ids: torch.Tensor,
+        present: torch.Tensor,
+        temperature: float,
+        rows_per_chunk: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``gather_columns`` and the global logsumexp of ``local / temperature``, reading ``local`` once.
+
+        Args:
+            local: ``[N, V_local]`` this rank's logits (any float dtype).
+            ids, present: ``[N, K]`` as in ``gather_columns``.
+            temperature: τ of the logsumexp (the gathered values are the raw logits).
+            rows_per_chunk: rows per chunk of the PyTorch path (``parallel.chunking``).
+        Returns:
+            ``(values, lse)``: float32 ``[N, K]`` as ``gather_columns``, replicated on all ranks;
+            float32 ``[N]`` = ``logsumexp(local_logsumexp(local, num_valid, τ, rows_per_chunk))``.
+            On CUDA with Triton both come from one kernel pass; the collectives are those of the two
+            calls, in the same order (the all-reduce of the values, then the all-gather of the lse).
+        """
+        local_ids, owned = self.owned_local_ids(ids, present)
+        local_lse, values = local_logsumexp_and_gather(
+            local, self.num_valid, temperature, rows_per_chunk, local_ids, owned
+        )
+        return self.all_reduce_(values), self.logsumexp(local_lse)
 
     def owned_local_ids(self, ids: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(local column of each id clamped into range, mask of the ids this rank owns)."""

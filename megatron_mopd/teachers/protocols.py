@@ -6,9 +6,12 @@ position, sequence after sequence (row r of sequence i is the distribution of to
 that does not match what was sent raises ``ResponseMismatch`` naming the sequence (index within the
 request), the token position and what is wrong. Checked for every row, besides the formats below:
 ids are JSON integers (vLLM: keys of plain ASCII digits), log-probabilities JSON numbers (never
-booleans or strings) ≤ 1e-3, no id twice in a row, and the most probable of the top K has a finite
+booleans or strings) ≤ 1e-3, no id twice in a row, the most probable of the top K has a finite
 log-probability (a row of −inf / null only is no distribution, so it is an error, never a dropped
-sample). The actual token's log-probability may be −inf: the teacher gives it probability 0 (e.g.
+sample), the top K's probabilities sum to at most 1 + 1e-3 (log-probabilities, not logits), and, when
+the caller gives the vocabulary size the ids index (``parse(..., vocab_size=V)``), every id is below V.
+These are the checks the losses can make on the device (``losses.topk.validate_teacher_topk``), made
+here on the host for free, so the trainer runs the losses without them (``loss.validate_inputs``). The actual token's log-probability may be −inf: the teacher gives it probability 0 (e.g.
 vocabulary padding, or a token its sampling forbids); it is kept as −inf.
 
 Parsing is orjson plus vectorized numpy; the per-entry Python work is a few C-level ``map`` passes
@@ -81,6 +84,7 @@ TokenIds = Sequence[Sequence[int]]
 
 NEG_INF_ENCODING = -9999.0  # vLLM clamps log-probabilities to this value so that JSON can carry them
 LOGPROB_TOLERANCE = 1e-3  # a log-probability above this is an error (rounding may leave a little above 0)
+MASS_TOLERANCE = 1e-3  # the top K's probabilities may exceed 1 by this (rounding), as in losses/topk.py
 _EXCERPT_CHARS = 160
 _INT: frozenset[type] = frozenset({int})  # types as orjson decodes them (bool is its own type)
 _NUMBER: frozenset[type] = frozenset({int, float})
@@ -150,13 +154,14 @@ class WireProtocol(ABC):
     def request(self, sequences: TokenIds, k: int, model: Optional[str]) -> bytes:
         """The JSON body asking for the top-``k`` prompt log-probabilities of every sequence."""
 
-    def parse(self, body: bytes, sequences: TokenIds, k: int) -> ScoredRows:
-        """The rows of ``body``, the response to ``request(sequences, k, ...)``; raises ResponseMismatch."""
+    def parse(self, body: bytes, sequences: TokenIds, k: int, vocab_size: Optional[int] = None) -> ScoredRows:
+        """The rows of ``body``, the response to ``request(sequences, k, ...)``; raises ResponseMismatch.
+        ``vocab_size``: the ids must be below it (None: not checked)."""
         with _gc_paused():
-            return self._parse(body, sequences, k)
+            return self._parse(body, sequences, k, vocab_size)
 
     @abstractmethod
-    def _parse(self, body: bytes, sequences: TokenIds, k: int) -> ScoredRows: ...
+    def _parse(self, body: bytes, sequences: TokenIds, k: int, vocab_size: Optional[int]) -> ScoredRows: ...
 
     @abstractmethod
     def generation_request(self, prompt: Sequence[int], sampling: SamplingParams, seed: int,
@@ -199,7 +204,7 @@ class VLLMProtocol(WireProtocol):
             {"model": model, "prompt": sequences, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": k}
         )
 
-    def _parse(self, body: bytes, sequences: TokenIds, k: int) -> ScoredRows:
+    def _parse(self, body: bytes, sequences: TokenIds, k: int, vocab_size: Optional[int]) -> ScoredRows:
         per_sequence = self._prompt_logprobs(_loads(body), sequences)
         rows = [entry for entries in per_sequence for entry in entries[1:]]
         try:
@@ -228,7 +233,7 @@ class VLLMProtocol(WireProtocol):
         table_ids = np.full((len(rows), k + 1), -1, np.int64)
         table_ranks = np.zeros((len(rows), k + 1), np.int64)
         table_logprobs[row_of, col_of], table_ids[row_of, col_of], table_ranks[row_of, col_of] = logprobs, ids, ranks
-        _check_entries(locate, table_logprobs, table_ids)
+        _check_entries(locate, table_logprobs, table_ids, vocab_size)
         if (ranks < 1).any():
             entry = int(np.flatnonzero(ranks < 1)[0])
             raise locate.mismatch(int(row_of[entry]), f"token {ids[entry]} has rank {ranks[entry]} < 1")
@@ -340,7 +345,7 @@ class SGLangProtocol(WireProtocol):
             }
         )
 
-    def _parse(self, body: bytes, sequences: TokenIds, k: int) -> ScoredRows:
+    def _parse(self, body: bytes, sequences: TokenIds, k: int, vocab_size: Optional[int]) -> ScoredRows:
         token_lists, top_lists = self._meta_lists(_loads(body), sequences)
         locate = _RowLocator(sequences)
         tops = [top for per_sequence in top_lists for top in per_sequence[1:]]
@@ -384,7 +389,7 @@ class SGLangProtocol(WireProtocol):
         if (ids < 0).any():
             row = int(np.flatnonzero((ids < 0).any(axis=1))[0])
             raise locate.mismatch(row, f"input_top_logprobs: negative token id {ids[row].min()}")
-        _check_entries(locate, logprobs, ids)
+        _check_entries(locate, logprobs, ids, vocab_size)
         positive = np.flatnonzero(token_logprobs > LOGPROB_TOLERANCE)
         if positive.size:
             row = int(positive[0])
@@ -501,15 +506,22 @@ class _RowLocator:
         return np.fromiter(chain.from_iterable(s[1:] for s in self.sequences), np.int64, int(self.row_ends[-1]))
 
 
-def _check_entries(locate: _RowLocator, logprobs: np.ndarray, ids: np.ndarray) -> None:
+def _check_entries(locate: _RowLocator, logprobs: np.ndarray, ids: np.ndarray, vocab_size: Optional[int]) -> None:
     """Rows ``[N, W]`` of candidate log-probabilities and ids (id < 0: no entry): every log-probability
-    ≤ ``LOGPROB_TOLERANCE`` (not NaN), and no id twice in a row."""
+    ≤ ``LOGPROB_TOLERANCE`` (not NaN), every id below ``vocab_size`` (when given), and no id twice in a
+    row."""
     bad = ~(logprobs <= LOGPROB_TOLERANCE)
     if bad.any():
         row = int(np.flatnonzero(bad.any(axis=1))[0])
         value, token = logprobs[row][bad[row]][0], ids[row][bad[row]][0]
         raise locate.mismatch(row, f"token {token} has log-probability {value}: "
                                    f"{'NaN' if np.isnan(value) else 'positive'}, not a log-probability")
+    if vocab_size is not None and (ids >= vocab_size).any():
+        row = int(np.flatnonzero((ids >= vocab_size).any(axis=1))[0])
+        raise locate.mismatch(row, f"token id {ids[row][ids[row] >= vocab_size][0]} is outside the vocabulary the "
+                                   f"loss indexes, [0, {vocab_size}): the server serves a model with another "
+                                   f"vocabulary (a teacher with another tokenizer needs that tokenizer and a "
+                                   f"projection built for it; check the server's model and the teacher's tokenizer)")
     ordered = np.sort(ids, axis=1)
     repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
     if repeated.any():
@@ -530,6 +542,14 @@ def _top_k(locate: _RowLocator, logprobs: np.ndarray, ids: np.ndarray, token_log
     if empty.size:
         raise locate.mismatch(int(empty[0]), f"no finite log-probability among the top {k} (all −inf, −9999 or "
                                              "null): the position has no distribution")
+    mass = np.exp(top_logprobs).sum(axis=1, dtype=np.float32)
+    over = np.flatnonzero(mass > 1.0 + MASS_TOLERANCE)
+    if over.size:
+        row = int(over[0])
+        raise locate.mismatch(row, f"the top {k} probabilities sum to {mass[row]:.4f} > 1: these are not the "
+                                   f"log-probabilities of one distribution (logits? e.g. vLLM's --logprobs-mode "
+                                   f"raw_logits or processed_logits); serve log-probabilities (vLLM's default "
+                                   f"raw_logprobs)")
     return ScoredRows(top_logprobs, np.ascontiguousarray(np.take_along_axis(ids, order, axis=1)), token_logprobs)
 
 

@@ -161,6 +161,10 @@ class RemoteTeacher:
         retries, backoff_s: retries of a failed request, and the base of their exponential backoff.
         tokenizer: the teacher's fast tokenizer, for ``submit_texts`` / ``score_texts``.
         wait_for_servers_s: at start-up, keep polling ``/health`` this long until every server answers.
+        vocab_size: the vocabulary the returned ids must index (the loss's: the student's, or the
+            teacher's own for a teacher with another tokenizer); an id at or above it fails the response
+            (``TeacherResponseError``), checked on the host as it is parsed. None: not checked. The
+            ``vocab_size`` attribute may be set later, before the requests it should check.
     """
 
     cooldown_s = 5.0  # a server that just failed a request is passed over this long when another is usable
@@ -183,6 +187,7 @@ class RemoteTeacher:
         backoff_s: float = 0.5,
         tokenizer: Any = None,
         wait_for_servers_s: float = 0.0,
+        vocab_size: Optional[int] = None,
     ):
         for name, value in (("topk", topk), ("max_sequences_per_request", max_sequences_per_request),
                             ("max_tokens_per_request", max_tokens_per_request),
@@ -195,7 +200,10 @@ class RemoteTeacher:
         if tokenizer is not None and not getattr(tokenizer, "is_fast", False):
             raise ValueError("text mode needs a fast (Rust) tokenizer: it reads character offsets")
         self.protocol = get_protocol(protocol)
-        self.topk, self.model, self.tokenizer = topk, model, tokenizer
+        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                       or vocab_size < 1):
+            raise ValueError(f"vocab_size must be a positive integer or None, got {vocab_size!r}")
+        self.topk, self.model, self.tokenizer, self.vocab_size = topk, model, tokenizer, vocab_size
         self.max_sequences_per_request, self.max_tokens_per_request = max_sequences_per_request, max_tokens_per_request
         self.max_in_flight_per_server = max_in_flight_per_server
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
@@ -363,6 +371,10 @@ class RemoteTeacher:
             except ResponseMismatch as mismatch:
                 raise TeacherConfigError(f"{where} does not return top-{self.topk} log-probabilities "
                                          f"({mismatch.what}): {fix}") from None
+            try:
+                self.protocol.parse(body, _PROBE, self.topk, self.vocab_size)
+            except ResponseMismatch as mismatch:
+                raise TeacherConfigError(f"{where}: the start-up probe's answer: {mismatch.what}") from None
             return
         message = excerpt(body, 400)
         if 400 <= status < 500 and _LOGPROB_LIMIT.search(message):
@@ -405,7 +417,7 @@ class RemoteTeacher:
             size = f"{len(sequences)} sequences / {sum(map(len, sequences))} tokens"
             server, body = self._post(self.protocol.request(sequences, self.topk, self.model), size)
             try:
-                rows = self.protocol.parse(body, sequences, self.topk)
+                rows = self.protocol.parse(body, sequences, self.topk, self.vocab_size)
             except ResponseMismatch as mismatch:
                 where = ("" if mismatch.sequence is None else
                          f"sequence {indices[mismatch.sequence]} (item {mismatch.sequence} of the request)"

@@ -143,6 +143,9 @@ class LossConfig:
     routing: str = _help("weights: every teacher scores every sample, weighted; domain: each sample only by "
                          "the teacher listing its domain", "weights")
     sft_alpha: float = _help("weight of the cross-entropy on dataset completions (never on student samples)", 0.0)
+    validate_inputs: bool = _help("check every loss input on the device each micro-batch (host syncs; to locate a "
+                                  "bad position); off, the loss is checked once per step and a non-finite one "
+                                  "names its teachers", False)
 
     def __post_init__(self) -> None:
         _require(self.routing in ROUTINGS, f"loss.routing must be one of {ROUTINGS}, got {self.routing!r}")

@@ -4,8 +4,11 @@ The data iterator yields ``MicroBatch`` objects: the student's tokens plus every
 (targets, the step's pending teacher scores, which rows of the rank's batch the micro-batch holds).
 ``loss_func(logits)`` returns ``(loss_sum, num_tokens, logs)`` for ``calculate_per_token_loss``: the
 schedule sums the loss over micro-batches and data-parallel ranks and divides by the total number of
-completion tokens. This is the one place the loss is checked for NaN/inf (as Megatron-LM's
-``loss_func`` does), before any reduction, naming the step, the rank and the teacher.
+completion tokens. With ``StepContext.check_loss_per_micro_batch`` (the default, as Megatron-LM's
+``loss_func`` does) the loss of each micro-batch is checked for NaN/inf here, naming the step, the rank
+and the teacher: one host sync per micro-batch. The trainer turns it off unless ``loss.validate_inputs``
+is set and checks the reduced loss once per step instead (``trainer.step``): with validation off the
+loss's forward and backward make no host sync.
 
 The same ``forward_step`` serves the trainer (``trainer.step``) and Megatron-LM's ``pretrain()``.
 """
@@ -60,8 +63,10 @@ class StepTeacherScores:
 
 
 def _expand(answer: TeacherLogprobs, rows: torch.Tensor) -> TeacherLogprobs:
-    """Rows of ``answer`` placed at the batch samples that were sent; the others invalid."""
-    if bool((rows == torch.arange(len(rows))).all()) and answer.valid.shape[0] == len(rows):
+    """Rows of ``answer`` placed at the batch samples that were sent; the others invalid. ``rows`` is
+    a host tensor, read as a list (no device sync)."""
+    row_list = rows.tolist()
+    if row_list == list(range(len(row_list))) and answer.valid.shape[0] == len(row_list):
         return answer
     if answer.valid.shape[0] == 0:  # no sample of this rank's batch went to this teacher
         size, (num_rows, k) = len(rows), answer.topk_ids.shape[1:]
@@ -70,14 +75,14 @@ def _expand(answer: TeacherLogprobs, rows: torch.Tensor) -> TeacherLogprobs:
                                torch.zeros((size, num_rows, k), dtype=torch.int64, device=device),
                                torch.zeros((size, num_rows), device=device),
                                torch.zeros((size, num_rows), dtype=torch.bool, device=device), ((),) * size)
-    take = rows.clamp_min(0).to(answer.valid.device)
-    sent = (rows >= 0).to(answer.valid.device)[:, None]
+    take = _to(rows.clamp_min(0), answer.valid.device)
+    sent = _to(rows >= 0, answer.valid.device)[:, None]
     return TeacherLogprobs(
         torch.where(sent[..., None], answer.topk_logprobs[take], -torch.inf),
         torch.where(sent[..., None], answer.topk_ids[take], 0),
         torch.where(sent, answer.token_logprobs[take], 0.0),
         sent & answer.valid[take],
-        tuple(answer.sequences[int(i)] if i >= 0 else () for i in rows),
+        tuple(answer.sequences[i] if i >= 0 else () for i in row_list),
         None,
     )
 
@@ -92,6 +97,8 @@ class StepContext:
     sft_alpha: float
     vocab_size: int
     rank: int
+    validate_inputs: bool = False  # every loss checks its inputs on the device (host syncs; locates a bad one)
+    check_loss_per_micro_batch: bool = True  # one host sync per micro-batch; the trainer checks per step
 
 
 @dataclass
@@ -120,28 +127,37 @@ def loss_func(batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, to
     """``(loss_sum, num_tokens, logs)`` of the micro-batch; ``logs`` maps names to ``[sum, count]``.
 
     Raises:
-        NonFiniteLossError: the loss, or one teacher's part of it, is NaN or infinite.
+        NonFiniteLossError: with ``context.check_loss_per_micro_batch``, the loss, or one teacher's part of
+            it, is NaN or infinite.
+        ValueError: with ``context.validate_inputs``, a loss input that is not valid.
     """
     context = batch.context
     rows = slice(batch.first_row, batch.first_row + batch.tokens.shape[0])
     device = logits.device
     terms = [_term(teacher, rows, batch, device, context) for teacher in context.teachers]
-    targets = Targets(batch.labels.to(device), batch.dataset_completion.to(device),
-                      None if batch.behaviour_logprobs is None else batch.behaviour_logprobs.to(device),
+    targets = Targets(_to(batch.labels, device), _to(batch.dataset_completion, device),
+                      None if batch.behaviour_logprobs is None else _to(batch.behaviour_logprobs, device),
                       batch.behaviour_temperature)
-    parts = micro_batch_objective(logits, targets, terms, sft_alpha=context.sft_alpha, vocab_size=context.vocab_size)
+    parts = micro_batch_objective(logits, targets, terms, sft_alpha=context.sft_alpha, vocab_size=context.vocab_size,
+                                  validate=context.validate_inputs)
     logs = {"loss": torch.stack([parts.loss_sum.detach(), parts.num_tokens.float()])}
     for name, (total, count) in parts.divergences.items():
         logs[f"divergence/{name}"] = torch.stack([total, count])
     if parts.sft is not None:
         logs["sft/nll"] = torch.stack(parts.sft)
-    _check_finite(logs, context)
+    if context.check_loss_per_micro_batch:
+        _check_finite(logs, context)
     return parts.loss_sum, parts.num_tokens.int(), logs
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; a host tensor is copied without waiting for the device's queued work."""
+    return tensor.to(device, non_blocking=True)
 
 
 def _term(teacher: StepTeacherScores, rows: slice, batch: MicroBatch, device: torch.device,
           context: StepContext) -> TeacherTerm:
-    route = context.routes[teacher.config.name][rows].to(device)
+    route = _to(context.routes[teacher.config.name][rows], device)
     if teacher.logits is not None:
         return TeacherTerm(teacher.config, None, route, logits=teacher.logits[rows.start // batch.tokens.shape[0]])
     scores = _rows(teacher.scores(), rows, device)
@@ -152,8 +168,8 @@ def _term(teacher: StepTeacherScores, rows: slice, batch: MicroBatch, device: to
 
 
 def _rows(scores: TeacherLogprobs, rows: slice, device: torch.device) -> TeacherLogprobs:
-    return TeacherLogprobs(scores.topk_logprobs[rows].to(device), scores.topk_ids[rows].to(device),
-                           scores.token_logprobs[rows].to(device), scores.valid[rows].to(device),
+    return TeacherLogprobs(_to(scores.topk_logprobs[rows], device), _to(scores.topk_ids[rows], device),
+                           _to(scores.token_logprobs[rows], device), _to(scores.valid[rows], device),
                            scores.sequences[rows], None)
 
 
@@ -163,9 +179,18 @@ def _check_finite(logs: dict[str, torch.Tensor], context: StepContext) -> None:
     if bool(torch.isfinite(sums).all()):
         return
     bad = [name for name, value in logs.items() if not torch.isfinite(value[0])]
+    raise non_finite_loss_error(f"step {context.step}, rank {context.rank}", bad, context.validate_inputs)
+
+
+def non_finite_loss_error(where: str, bad: list[str], validated: bool) -> NonFiniteLossError:
+    """The error for a loss whose parts ``bad`` (``divergence/<teacher>``, ``sft/nll``, ``loss``) are not
+    finite, naming the teachers and the fix."""
     teachers = [name.split("/", 1)[1] for name in bad if name.startswith("divergence/")]
     culprit = f"teacher(s) {teachers}" if teachers else f"{bad}"
-    raise NonFiniteLossError(
-        f"step {context.step}, rank {context.rank}: the loss is not finite ({culprit}); nothing was updated. "
-        f"Check the teacher's scores and the student's logits (NaN/inf), or lower train.lr"
+    locate = ("" if validated else
+              "Set loss.validate_inputs=true to locate the position (every loss then checks its inputs on the "
+              "device each micro-batch and names the first bad teacher score, alignment or label), then check ")
+    return NonFiniteLossError(
+        f"{where}: the loss is not finite ({culprit}); nothing was updated. "
+        f"{locate or 'Check '}the teacher's scores and the student's logits (NaN/inf), or lower train.lr"
     )

@@ -142,7 +142,8 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
             def held_out_evaluation(step: int) -> None:
                 indices = list(range(layout.dp_rank, len(held_out.samples), layout.dp_size))
                 evaluation = evaluate(step, trainee, [held_out.example(i) for i in indices], teachers,
-                                      held_out_routes(indices), sources.held_out())
+                                      held_out_routes(indices), sources.held_out(),
+                                      validate_inputs=config.loss.validate_inputs)
                 if logger is not None:
                     logger.log_eval(evaluation, config.eval.examples)
 
@@ -154,7 +155,8 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
                 examples = [dataset.example(i) for i in indices]
                 routes = routes_of(indices)
                 result = run_step(step, trainee, examples, teachers, routes, sft_alpha=config.loss.sft_alpha,
-                                  source=sources.for_step(step, routes))
+                                  source=sources.for_step(step, routes),
+                                  validate_inputs=config.loss.validate_inputs)
                 if logger is not None:
                     logger.log(result)
                 if config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0 \

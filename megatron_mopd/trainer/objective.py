@@ -25,6 +25,11 @@ Per-token teacher losses ℓ_t:
   rollout sampled at, as π_rollout is, while the advantage compares raw (temperature 1) log-probabilities. A teacher log-probability of −inf (the teacher rules the token out)
   is floored at ``MOPD_TEACHER_LOGPROB_FLOOR``. Its logged divergence is the sampled estimate of
   KL(S‖T), the mean of log π_S(y) − log π_T(y).
+
+Validation (``loss.validate_inputs``): on, every loss checks its inputs on the device each micro-batch
+and raises naming the first bad position (host syncs, to locate a problem); off (the default), the
+objective makes no host sync, and what it would have raised becomes a NaN loss that the step's single
+check (``trainer.step``) reports.
 """
 
 from __future__ import annotations
@@ -103,29 +108,41 @@ def micro_batch_objective(
     *,
     sft_alpha: float,
     vocab_size: int,
+    validate: bool = True,
 ) -> ObjectiveParts:
     """The loss of one micro-batch (module docstring) on the student's logits shard ``[b, s, V_local]``.
 
+    ``validate``: every loss checks its inputs on the device (host syncs) and a completion token that
+    a routed teacher has no score for raises. False: no host sync at all; such a token's loss is NaN
+    instead, so a missing score never passes unnoticed (the step checks the loss once, ``trainer.step``).
+
     Raises:
-        ValueError: a completion token that a teacher routed to it has no score for (the teacher
-            scored fewer positions than the student trains on).
+        ValueError: with ``validate``, a completion token that a teacher routed to it has no score for
+            (the teacher scored fewer positions than the student trains on), or a loss input that is
+            not valid.
     """
     labels = targets.labels
     completion = labels != -100
     num_tokens = completion.sum()
     student_logp = None
     if sft_alpha > 0 or any(t.config.loss == "mopd" for t in teachers):
-        student_logp = vocab_parallel_token_logprobs(logits, labels, vocab_size=vocab_size)
+        student_logp = vocab_parallel_token_logprobs(logits, labels, vocab_size=vocab_size, validate=validate)
 
     loss_sum = logits.new_zeros((), dtype=torch.float32)
     divergences: dict[str, SumCount] = {}
     for term in teachers:
         scored = completion & term.route[:, None]
+        missing = None
         if term.chunks is not None:
-            scored &= term.chunks.student >= 0
+            scored &= term.chunks.student.to(logits.device, non_blocking=True) >= 0
         elif term.scores is not None:
-            _check_rows(term, scored)
-        per_token, divergence = _teacher_loss(logits, student_logp, targets, term, vocab_size)
+            missing = scored & ~term.scores.valid
+            if validate:
+                _check_rows(term, missing)
+        per_token, divergence = _teacher_loss(logits, student_logp, targets, term, vocab_size, validate)
+        if missing is not None:  # all False when validated
+            per_token = torch.where(missing, torch.nan, per_token)
+            divergence = torch.where(missing, torch.nan, divergence)
         loss_sum = loss_sum + term.config.weight * torch.where(scored, per_token, 0.0).sum()
         divergences[term.config.name] = (torch.where(scored, divergence, 0.0).sum().detach(),
                                          scored.sum().float())
@@ -144,16 +161,18 @@ def _teacher_loss(
     targets: Targets,
     term: TeacherTerm,
     vocab_size: int,
+    validate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token loss ``[b, s]`` with gradient, per-token divergence ``[b, s]`` for the logs)."""
     cfg, scores = term.config, term.scores
     if cfg.loss == "jsd":
-        loss = generalized_jsd(logits, term.logits, beta=cfg.beta, temperature=cfg.temperature, vocab_size=vocab_size)
+        loss = generalized_jsd(logits, term.logits, beta=cfg.beta, temperature=cfg.temperature, vocab_size=vocab_size,
+                               validate=validate)
         return loss, loss.detach()
     if cfg.loss == "topk_jsd":
         loss = topk_generalized_jsd(
             logits, scores.topk_logprobs, scores.topk_ids, beta=cfg.beta, temperature=cfg.temperature,
-            tail=cfg.tail, vocab_size=vocab_size,
+            tail=cfg.tail, vocab_size=vocab_size, validate=validate,
         )
         return loss, loss.detach()
     if cfg.loss == "mopd":
@@ -164,36 +183,37 @@ def _teacher_loss(
             current = student_logp.detach()  # π_S at the temperature the rollout sampled at
             if targets.behaviour_temperature != 1.0:
                 current = vocab_parallel_token_logprobs(logits.detach(), targets.labels, vocab_size=vocab_size,
-                                                        temperature=targets.behaviour_temperature)
+                                                        temperature=targets.behaviour_temperature, validate=validate)
             ratio = (current - targets.behaviour_logprobs).exp()
             weight = torch.where(targets.dataset_completion[:, None], weight,
                                  ratio.clamp(cfg.importance_ratio_min, cfg.importance_ratio_max))
         return weight * log_ratio * student_logp, log_ratio
     if cfg.loss in ("ctkd", "gold"):
-        per_chunk = _chunk_losses(logits, term, vocab_size)
-        chunk_of = term.chunks.student.to(logits.device)
+        per_chunk = _chunk_losses(logits, term, vocab_size, validate)
+        chunk_of = term.chunks.student.to(logits.device, non_blocking=True)
         per_token = torch.where(chunk_of >= 0, per_chunk[chunk_of.clamp_min(0)], 0.0)
         return per_token, per_token.detach()
     raise ValueError(f"teacher {cfg.name!r}: loss {cfg.loss!r} is not available in the trainer yet "
                      f"(available: jsd, topk_jsd, ctkd, gold, mopd)")
 
 
-def _chunk_losses(logits: torch.Tensor, term: TeacherTerm, vocab_size: int) -> torch.Tensor:
-    """float32 ``[C]`` (at least one entry, so an empty micro-batch still indexes): each chunk's loss."""
+def _chunk_losses(logits: torch.Tensor, term: TeacherTerm, vocab_size: int, validate: bool) -> torch.Tensor:
+    """float32 ``[C]`` (at least one entry, so an empty micro-batch still indexes): each chunk's loss.
+
+    The chunk ids stay where the alignment made them (the host): the losses read their grouping there,
+    without a device sync."""
     cfg, chunks, scores = term.config, term.chunks, term.scores
     if chunks.num_chunks == 0:
         return logits.new_zeros(1, dtype=torch.float32)
     loss_fn = projected_kl if cfg.loss == "ctkd" else gold_loss
-    device = logits.device
     return loss_fn(
-        logits, chunks.student.to(device), scores.topk_logprobs, scores.topk_ids, chunks.teacher.to(device),
+        logits, chunks.student, scores.topk_logprobs, scores.topk_ids, chunks.teacher,
         term.projection, num_chunks=chunks.num_chunks, beta=cfg.beta, temperature=cfg.temperature, tail=cfg.tail,
-        vocab_size=vocab_size,
+        vocab_size=vocab_size, validate=validate,
     )
 
 
-def _check_rows(term: TeacherTerm, scored: torch.Tensor) -> None:
-    missing = scored & ~term.scores.valid
+def _check_rows(term: TeacherTerm, missing: torch.Tensor) -> None:
     if bool(missing.any()):
         sample, position = (int(i) for i in torch.nonzero(missing)[0])
         raise ValueError(

@@ -10,13 +10,19 @@
     optimizer        the Megatron optimizer's step and the learning-rate schedule
 
 Every rank runs every phase; the losses exist only on the last pipeline stage. ``StepResult`` holds
-the step's sums reduced over the data-parallel ranks (on the last stage; elsewhere None).
+the step's sums reduced over the data-parallel ranks (on the last stage; elsewhere None). The loss is
+checked once per step, on those reduced sums, before the optimizer: a NaN or infinite loss (or a
+teacher's part of it) raises ``NonFiniteLossError`` naming the teachers, and nothing is updated. With
+``validate_inputs`` (``loss.validate_inputs``) every loss also checks its inputs on the device and the
+loss of each micro-batch is checked, naming the position, micro-batch and rank; both cost host syncs,
+so it is off by default, and then the loss's forward and backward make none.
 ``evaluate`` runs the same phases forward-only, without the optimizer, on held-out prompts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
@@ -28,7 +34,9 @@ from megatron_mopd.teachers import submit_teacher_scores
 from megatron_mopd.teachers.placement import local_rows
 from megatron_mopd.trainer.cross_tokenizer import CrossTokenizerSide
 from megatron_mopd.trainer.data import DataStats, Example, TokenizedSample, collate
-from megatron_mopd.trainer.forward_step import MicroBatch, StepContext, StepTeacherScores, forward_step
+from megatron_mopd.trainer.forward_step import (
+    MicroBatch, StepContext, StepTeacherScores, forward_step, non_finite_loss_error,
+)
 from megatron_mopd.trainer.rollout import Completed, CompletionSource
 
 PHASES = ("rollout", "teacher_submit", "forward_backward", "teacher_wait", "optimizer")
@@ -101,26 +109,43 @@ def run_step(
     *,
     sft_alpha: float,
     source: Optional[CompletionSource] = None,
+    validate_inputs: bool = False,
 ) -> StepResult:
     """Train on this data-parallel rank's ``examples`` (its part of the global batch): on their
     dataset completions, or on the completions ``source`` gives (the student's or a teacher's).
 
     Args:
         routes: bool ``[len(examples)]`` per teacher name, the samples it scores.
+        validate_inputs: ``loss.validate_inputs`` (module docstring).
+    Raises:
+        NonFiniteLossError: the step's loss, or a teacher's part of it, is NaN or infinite (last stage).
     """
     timer = PhaseTimer()
     with timer.time("rollout"):
         completed = _complete(source, examples, trainee.seq_length)
     reduced, step_teachers = _run_schedule(step, trainee, completed, teachers, routes, sft_alpha, timer,
-                                           forward_only=False)
+                                           forward_only=False, validate_inputs=validate_inputs)
+    sums = _reduce(reduced)
+    check_finite_sums(sums, f"step {step}", validated=validate_inputs)
     lr = trainee.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
     with timer.time("optimizer"):
         updated, grad_norm, _ = trainee.optimizer.step()
         if not updated:
             raise RuntimeError(f"step {step}: the optimizer skipped the update (gradient overflow)")
         trainee.scheduler.step(increment=1)
-    return StepResult(step, _reduce(reduced), lr, None if grad_norm is None else float(grad_norm), timer.seconds,
+    return StepResult(step, sums, lr, None if grad_norm is None else float(grad_norm), timer.seconds,
                       DataStats.of(e.tokenized for e in completed.examples), completed.source)
+
+
+def check_finite_sums(sums: Optional[dict[str, tuple[float, float]]], where: str, *, validated: bool) -> None:
+    """The step's one check of its loss: every reduced sum (host floats: no device sync) is finite.
+
+    Raises:
+        NonFiniteLossError: naming the teachers whose divergence is not finite (or the other parts).
+    """
+    bad = [name for name, (total, _) in (sums or {}).items() if not math.isfinite(total)]
+    if bad:
+        raise non_finite_loss_error(where, bad, validated)
 
 
 @dataclass
@@ -141,6 +166,7 @@ def evaluate(
     teachers: Sequence[StepTeacher],
     routes: dict[str, torch.Tensor],
     source: CompletionSource,
+    validate_inputs: bool = False,
 ) -> Evaluation:
     """Each teacher's divergence on ``source``'s completions of this rank's held-out ``examples``
     (forward-only; nothing is updated). The rank's examples need not fill whole micro-batches: the
@@ -155,8 +181,11 @@ def evaluate(
     padded = Completed(completed.examples + padding, behaviour, completed.dataset_completion, completed.source,
                        completed.behaviour_temperature)
     routes = {name: torch.cat([route, route.new_zeros(missing)]) for name, route in routes.items()}
-    reduced, _ = _run_schedule(step, trainee, padded, teachers, routes, 0.0, PhaseTimer(), forward_only=True)
-    return Evaluation(step, _reduce(reduced), completed.examples, time.perf_counter() - began)
+    reduced, _ = _run_schedule(step, trainee, padded, teachers, routes, 0.0, PhaseTimer(), forward_only=True,
+                               validate_inputs=validate_inputs)
+    sums = _reduce(reduced)
+    check_finite_sums(sums, f"held-out evaluation at step {step}", validated=validate_inputs)
+    return Evaluation(step, sums, completed.examples, time.perf_counter() - began)
 
 
 def _complete(source: Optional[CompletionSource], examples: Sequence[Example], seq_length: int) -> Completed:
@@ -172,14 +201,16 @@ def _without_completion(example: Example) -> Example:
 
 
 def _run_schedule(step: int, trainee: Trainee, completed: Completed, teachers: Sequence[StepTeacher],
-                  routes: dict[str, torch.Tensor], sft_alpha: float, timer: PhaseTimer, *, forward_only: bool):
+                  routes: dict[str, torch.Tensor], sft_alpha: float, timer: PhaseTimer, *, forward_only: bool,
+                  validate_inputs: bool):
     """Submit the teachers' requests and run Megatron's schedule over the micro-batches; returns the
     schedule's per-micro-batch logs and the step's teachers."""
     examples = completed.examples
     with timer.time("teacher_submit"):
-        step_teachers = [_submit(teacher, examples, routes[teacher.config.name], trainee.seq_length)
-                         for teacher in teachers]
-    context = StepContext(step, step_teachers, routes, sft_alpha, trainee.vocab_size, dist.get_rank())
+        step_teachers = [_submit(teacher, examples, routes[teacher.config.name], trainee.seq_length,
+                                 trainee.vocab_size) for teacher in teachers]
+    context = StepContext(step, step_teachers, routes, sft_alpha, trainee.vocab_size, dist.get_rank(),
+                          validate_inputs=validate_inputs, check_loss_per_micro_batch=validate_inputs)
     micro_batches = _micro_batches(completed, context, trainee)
     with timer.time("forward_backward"):
         if not forward_only:
@@ -200,12 +231,15 @@ def _run_schedule(step: int, trainee: Trainee, completed: Completed, teachers: S
     return reduced, step_teachers
 
 
-def _submit(teacher: StepTeacher, examples: Sequence[Example], route: torch.Tensor, seq_length: int) -> StepTeacherScores:
+def _submit(teacher: StepTeacher, examples: Sequence[Example], route: torch.Tensor, seq_length: int,
+            vocab_size: int) -> StepTeacherScores:
     """Start the teacher's requests for the routed samples (this rank's batch order kept)."""
     from megatron.core import parallel_state
 
     if getattr(teacher.client, "collective", False):
         return _run_colocated(teacher, examples, seq_length)
+    _expect_vocabulary(teacher.client,
+                       vocab_size if teacher.cross is None else teacher.cross.projection.teacher_vocab_size)
     chosen = [int(i) for i in torch.nonzero(route).flatten()]
     rows = torch.full((len(examples),), -1, dtype=torch.long)
     rows[chosen] = torch.arange(len(chosen))
@@ -221,6 +255,14 @@ def _submit(teacher: StepTeacher, examples: Sequence[Example], route: torch.Tens
             sequences.append(teacher_ids)
     pending = submit_teacher_scores(teacher.client, sequences)
     return StepTeacherScores(teacher.config, pending, rows, teacher.cross.projection, alignments)
+
+
+def _expect_vocabulary(client: Any, vocab_size: int) -> None:
+    """Tell a remote client (on the fetching rank) the vocabulary its ids index for the loss, unless it
+    was given one: it rejects other ids as it parses each response, on the host, so the losses need not
+    check them on the device."""
+    if client is not None and hasattr(client, "vocab_size") and client.vocab_size is None:
+        client.vocab_size = vocab_size
 
 
 class _Ready:

@@ -147,7 +147,8 @@ class MopdForwardStep:
         trained = loss_mask > 0
         rows = tokens.shape[0]
         context = StepContext(step, self._submit(tokens, labels, trained), self._routes(rows, tokens.device),
-                              self.config.loss.sft_alpha, self._vocabulary(), dist.get_rank())
+                              self.config.loss.sft_alpha, self._vocabulary(), dist.get_rank(),
+                              validate_inputs=self.config.loss.validate_inputs)
         batch = MicroBatch(tokens, position_ids, torch.where(trained, labels, IGNORE_INDEX),
                            torch.ones(rows, dtype=torch.bool, device=tokens.device), 0, context)
         return forward_step(iter([batch]), model)
