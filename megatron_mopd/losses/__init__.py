@@ -5,11 +5,18 @@ per-position loss with the input's leading shape (``masked_sum_and_count`` reduc
 cross-tokenizer losses (``projected_kl``, ``gold_loss``) return one loss per aligned chunk ``[C]``.
 ``tp_group=None`` means Megatron's tensor-parallel group when model parallelism is initialized, else
 no tensor parallelism. ``teacher_losses`` / ``combine_teacher_losses`` combine several teachers.
+``linear_topk_generalized_jsd``, ``linear_generalized_jsd`` and ``linear_cross_entropy`` take the output
+layer's input and this rank's weight shard instead, and never materialize the logits (losses/linear.py).
 """
 
 from megatron_mopd.losses.cross_tokenizer import gold_loss, projected_kl
 from megatron_mopd.losses.divergence import generalized_jsd_terms
 from megatron_mopd.losses.jsd import generalized_jsd
+from megatron_mopd.losses.linear import (
+    linear_cross_entropy,
+    linear_generalized_jsd,
+    linear_topk_generalized_jsd,
+)
 from megatron_mopd.losses.modules import (
     GeneralizedJSDLoss,
     GOLDLoss,
@@ -44,6 +51,9 @@ __all__ = [
     "TAIL_MODES",
     "generalized_jsd",
     "generalized_jsd_terms",
+    "linear_cross_entropy",
+    "linear_generalized_jsd",
+    "linear_topk_generalized_jsd",
     "masked_sum_and_count",
     "topk_generalized_jsd",
     "vocab_parallel_token_logprobs",

@@ -71,32 +71,19 @@ class _VocabParallelTopKJSD(torch.autograd.Function):
 
         if tail:
             student_at_ids, lse = shard.gather_columns_and_logsumexp(z, ids, present, temperature, rows_per_chunk)
-            student_at_ids.div_(temperature)
-            s_ids = torch.where(present, student_at_ids - lse[:, None], -torch.inf)
-            p_ids = s_ids.exp()
-            student_tail_mass = (1.0 - p_ids.sum(-1)).clamp_min_(_TINY)
-            student = torch.cat([s_ids, student_tail_mass.log()[:, None]], dim=-1)
-            teacher_tail = (1.0 - torch.where(present, t_raw.exp(), 0.0).sum(-1)).clamp_min_(_TINY)
-            teacher = torch.cat([torch.where(present, t_raw, -torch.inf), teacher_tail.log()[:, None]], -1)
-            teacher = torch.log_softmax(teacher / temperature, dim=-1)  # absent entries stay -inf
         else:
-            student = _renormalized(shard.gather_columns(z, ids, present).div_(temperature), present)
-            teacher = _renormalized(t_raw / temperature, present)
-
-        loss, g = generalized_jsd_terms(student, teacher, beta)
-        g_sum = g.sum(-1, keepdim=True)
-        coef = loss_scale / temperature
+            student_at_ids, lse = shard.gather_columns(z, ids, present), None
+        loss, dense_coef, ids_coef = topk_support_terms(
+            student_at_ids.div_(temperature), lse, t_raw, present,
+            beta=beta, temperature=temperature, tail=tail, loss_scale=loss_scale,
+        )
         if tail:
-            tail_ratio = g[:, k:] / student_tail_mass[:, None]  # g_∞ / P_∞
-            ids_coef = (g[:, :k] - p_ids * tail_ratio).mul_(coef)
-            dense_coef = (tail_ratio - g_sum).mul_(coef).squeeze(-1)
             ctx.save_for_backward(z, lse, dense_coef, ids_coef, ids, present)
         else:
-            ids_coef = (g - student.exp() * g_sum).mul_(coef)
             ctx.save_for_backward(ids_coef, ids, present)
         ctx.shard, ctx.temperature, ctx.tail, ctx.rows_per_chunk = shard, temperature, tail, rows_per_chunk
         ctx.logits_shape, ctx.logits_dtype = student_logits.shape, student_logits.dtype
-        return loss.mul_(loss_scale).view(student_logits.shape[:-1])
+        return loss.view(student_logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):  # type: ignore[override]
@@ -123,6 +110,62 @@ def _renormalized(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """log_softmax over the present entries; absent entries (and rows with none) → -inf."""
     logp = torch.log_softmax(torch.where(present, values, -torch.inf), dim=-1)
     return torch.where(present, logp, -torch.inf)
+
+
+def topk_support_terms(
+    student_at_ids: torch.Tensor,
+    student_lse: Optional[torch.Tensor],
+    teacher_logprobs: torch.Tensor,
+    present: torch.Tensor,
+    *,
+    beta: float,
+    temperature: float,
+    tail: bool,
+    loss_scale: float,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """The top-k generalized JSD of positions from their student values at the teacher's ids.
+
+    Args:
+        student_at_ids: float32 [n, K] z/τ at the teacher ids (any value where absent).
+        student_lse: float32 [n] logsumexp of z/τ over the whole vocabulary (``tail``; else None).
+        teacher_logprobs: float32 [n, K] the teacher's raw log-probabilities (-inf: absent).
+        present: bool [n, K] the present entries.
+        loss_scale: multiplies loss and gradient (τ² or 1).
+    Returns:
+        ``(loss [n], dense_coef [n] or None, ids_coef [n, K])``: the scaled loss, and its gradient
+
+            tail:    ∂loss/∂z_v = p_v · dense_coef + 1{v = id_k} · ids_coef_k,   p = softmax(z/τ)
+                     dense_coef = (g_∞ / P_∞ − G) / τ,  ids_coef_k = (g_k − p_{id_k} · g_∞ / P_∞) / τ
+            renorm:  ∂loss/∂z_{id_k} = ids_coef_k = (g_k − q_k · G) / τ,  q = softmax over the K ids
+
+        with g = ∂loss/∂s over the support (generalized_jsd_terms), G = Σ_j g_j, P_∞ the student's
+        tail mass (both times ``loss_scale``).
+    """
+    k = teacher_logprobs.shape[-1]
+    if tail:
+        # Student support: s_k = z_{id_k}/τ − lse, tail s_∞ = log(1 − Σ_k e^{s_k}).
+        s_ids = torch.where(present, student_at_ids - student_lse[:, None], -torch.inf)
+        p_ids = s_ids.exp()
+        student_tail_mass = (1.0 - p_ids.sum(-1)).clamp_min_(_TINY)
+        student = torch.cat([s_ids, student_tail_mass.log()[:, None]], dim=-1)
+        # Teacher support: log_softmax over [t_1..t_K, log(1 − Σ_k e^{t_k})] / τ.
+        teacher_tail = (1.0 - torch.where(present, teacher_logprobs.exp(), 0.0).sum(-1)).clamp_min_(_TINY)
+        teacher = torch.cat([torch.where(present, teacher_logprobs, -torch.inf), teacher_tail.log()[:, None]], -1)
+        teacher = torch.log_softmax(teacher / temperature, dim=-1)  # absent entries stay -inf
+    else:
+        student = _renormalized(student_at_ids, present)
+        teacher = _renormalized(teacher_logprobs / temperature, present)
+
+    loss, g = generalized_jsd_terms(student, teacher, beta)
+    g_sum = g.sum(-1, keepdim=True)
+    coef = loss_scale / temperature
+    if tail:
+        tail_ratio = g[:, k:] / student_tail_mass[:, None]  # g_∞ / P_∞
+        ids_coef = (g[:, :k] - p_ids * tail_ratio).mul_(coef)
+        dense_coef = (tail_ratio - g_sum).mul_(coef).squeeze(-1)
+        return loss.mul_(loss_scale), dense_coef, ids_coef
+    ids_coef = (g - student.exp() * g_sum).mul_(coef)
+    return loss.mul_(loss_scale), None, ids_coef
 
 
 def topk_generalized_jsd(
