@@ -37,7 +37,7 @@ states enter as the input of a ColumnParallelLinear — replicated: identity for
 hidden gradient backward; sequence parallel: all-gather along dim 0 forward, reduce-scatter backward.
 The loss (of the full, gathered sequence) is identical on every TP rank, as for the logits losses.
 
-Memory beyond the inputs and their gradients: one float32 logits chunk (40 MiB on CPU by default) per
+Memory beyond the inputs and their gradients: one float32 logits chunk (44 MiB on CPU by default) per
 logits tensor replaced — one; two with the colocated teacher (its logits are replaced too) — plus
 cache-sized temporaries and a few floats per position; with bfloat16 weights also the float32
 accumulator of the weight gradient (V_local · H · 4 bytes).
@@ -67,10 +67,10 @@ from megatron_mopd.parallel.sequence import (
 from megatron_mopd.parallel.vocab import ProcessGroup, VocabShard
 
 # Bytes of float32 logits per chunk when chunk_size is None, for each logits tensor a loss replaces
-# (the student's; for the colocated teacher also the teacher's): 40 MiB on CPU (0.078x the logits of
+# (the student's; for the colocated teacher also the teacher's): 44 MiB on CPU (0.086x the logits of
 # 4096 tokens x 32768 ids, and enough positions that a chunk's matmuls run within ~10% of whole ones),
 # 256 MiB on an accelerator.
-LINEAR_CHUNK_BYTES = {"cpu": 40 << 20, "accelerator": 256 << 20}
+LINEAR_CHUNK_BYTES = {"cpu": 44 << 20, "accelerator": 256 << 20}
 # Rows of the weight per float32 accumulation of a low-precision weight gradient (bounds the temporary).
 _WEIGHT_GRAD_BLOCK_ELEMENTS = 1 << 22
 _ROW_MULTIPLE = 16  # automatic chunks are a multiple of this many positions (a 64-byte float32 line)
@@ -358,7 +358,7 @@ def linear_topk_generalized_jsd(
             hidden states, as in ``topk_generalized_jsd``.
         beta, temperature, tail, vocab_size, tp_group, scale_by_temperature_squared, validate: as in
             ``topk_generalized_jsd``.
-        chunk_size: positions per chunk of logits (None: 40 MiB of float32 logits on CPU, 256 MiB on an
+        chunk_size: positions per chunk of logits (None: 44 MiB of float32 logits on CPU, 256 MiB on an
             accelerator).
         sequence_parallel: ``hidden`` is sequence-sharded (all-gather forward, reduce-scatter backward).
         loss_mask: ``[...]`` bool or 0/1 over the positions: which positions the caller will
