@@ -8,7 +8,9 @@ finds them without a GPU.
 - Every loss (top-K JSD in both modes, full-vocabulary JSD, token log-probabilities, P-KL, GOLD, their
   modules, several teachers) with ``validate=False`` makes none in its forward and backward; with
   ``validate=True`` (the default) it checks its inputs, which syncs (the counter sees it), and the two
-  give the same loss and gradient.
+  give the same loss and gradient. So do the fused output-layer losses, for a masked sum (gradients
+  computed in forward, scaled in backward by a value read on the device) and for per-position weights
+  (recomputed in backward).
 - The trainer's loss forward and backward (``forward_step.loss_func`` on a Megatron-Core student at
   TP=2, with a remote top-K teacher scored by a vLLM-speaking server, the sampled-token MOPD loss on the
   same scores, teachers with another tokenizer through a vocabulary projection (GOLD and P-KL), a
@@ -38,6 +40,9 @@ from megatron_mopd.losses import (
     TopKGeneralizedJSDLoss,
     generalized_jsd,
     gold_loss,
+    linear_cross_entropy,
+    linear_generalized_jsd,
+    linear_topk_generalized_jsd,
     projected_kl,
     route_by_sample,
     teacher_losses,
@@ -150,6 +155,43 @@ def test_a_validated_loss_checks_with_host_syncs_and_gives_the_same_loss_and_gra
     assert syncs > 0  # the counter sees the checks
     torch.testing.assert_close(loss, expected, rtol=0, atol=0)
     torch.testing.assert_close(validated.grad, unvalidated.grad, rtol=0, atol=0)
+
+
+def fused_output_layer_losses() -> dict[str, Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]]:
+    """The fused output-layer losses on (hidden, weight): a masked sum (gradients computed in forward)
+    and, for the cross-entropy, per-position weights (recomputed in backward)."""
+    import test_linear_losses as fused
+
+    problem = fused.make_problem()
+    mask = problem.labels != -100
+    common = dict(vocab_size=fused.VOCAB_SIZE, chunk_size=5, loss_mask=mask)
+    return {
+        "linear topk_jsd": lambda h, w, v: linear_topk_generalized_jsd(h, w, *problem.topk[8], validate=v,
+                                                                       **common) * mask,
+        "linear jsd": lambda h, w, v: linear_generalized_jsd(h, w, problem.teacher_hidden, problem.teacher_weight,
+                                                             validate=v, **common) * mask,
+        "linear cross-entropy": lambda h, w, v: linear_cross_entropy(h, w, problem.labels, validate=v,
+                                                                     **common) * mask,
+        "linear cross-entropy, weighted": lambda h, w, v: linear_cross_entropy(
+            h, w, problem.labels, validate=v, gradient_in_forward=False, **common) * problem.weights,
+    }
+
+
+@pytest.mark.parametrize("name", list(fused_output_layer_losses()))
+def test_an_unvalidated_fused_output_layer_loss_makes_no_host_sync(name: str) -> None:
+    import test_linear_losses as fused
+
+    problem = fused.make_problem()
+    runs = []
+    for validate in (False, True):
+        hidden = problem.hidden.clone().requires_grad_(True)
+        weight = problem.weight.clone().requires_grad_(True)
+        syncs, loss = syncs_of(lambda: fused_output_layer_losses()[name](hidden, weight, validate))
+        runs.append((syncs, loss, hidden.grad, weight.grad))
+    (unvalidated_syncs, *unvalidated), (validated_syncs, *validated) = runs
+    assert unvalidated_syncs == 0 and validated_syncs > 0
+    for got, expected in zip(unvalidated, validated):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_an_unvalidated_cross_tokenizer_loss_needs_the_number_of_chunks() -> None:

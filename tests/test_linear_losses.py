@@ -11,7 +11,10 @@ some labels are -100, a teacher position has only part of its K entries and one 
 
 Each case is run with the upstream gradient of a masked token mean (with and without the
 ``loss_mask`` hint: the gradients computed in forward are reused, resp. recomputed) and of a weighted
-sum (always recomputed), with the automatic chunk and with 5-position chunks (a ragged last chunk).
+sum (always recomputed), with the automatic chunk and with 5-position chunks (a ragged last chunk);
+unchecked (``validate=False``: no host sync) with the masked mean, and with ``gradient_in_forward=False``
+under the weighted sum. Unchecked, an upstream gradient that breaks the masked-sum contract makes the
+gradients NaN, never silently wrong.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ class Case:
     upstream: str = "masked_mean"  # or "weighted"
     mask_hint: bool = False  # pass loss_mask = labels != -100
     squared: bool = False  # scale_by_temperature_squared
+    gradient_in_forward: bool = True
+    validate: bool = True
 
 
 def all_cases() -> list[Case]:
@@ -100,6 +105,9 @@ def all_cases() -> list[Case]:
             variants.append(Case(**{**case.__dict__, "upstream": upstream, "mask_hint": hint,
                                     "chunk_size": 5 if (i + j) % 2 else None}))
     variants += [Case("topk", 0.5, 2.0, squared=True), Case("full", 0.5, 2.0, squared=True, chunk_size=5)]
+    for loss in ("topk", "full", "ce"):  # unchecked (no host sync): trusted masked mean; any weights, recomputed
+        variants += [Case(loss, 0.5, 2.0, mask_hint=True, validate=False, chunk_size=5),
+                     Case(loss, 0.5, 2.0, upstream="weighted", gradient_in_forward=False, validate=False)]
     return variants
 
 
@@ -108,7 +116,8 @@ def loss_of(problem: Problem, case: Case, hidden: torch.Tensor, weight: torch.Te
     """The fused loss on this rank's inputs (the rows of W, the hidden states as the layout says)."""
     common = dict(vocab_size=VOCAB_SIZE, tp_group=group, chunk_size=case.chunk_size,
                   sequence_parallel=sequence_parallel,
-                  loss_mask=problem.labels != -100 if case.mask_hint else None)
+                  loss_mask=problem.labels != -100 if case.mask_hint else None,
+                  gradient_in_forward=case.gradient_in_forward, validate=case.validate)
     if case.loss == "topk":
         logprobs, ids = problem.topk[case.k]
         return linear_topk_generalized_jsd(hidden, weight, logprobs, ids, beta=case.beta, temperature=case.temperature,
@@ -225,6 +234,10 @@ def test_cases_cover_every_loss_and_upstream_gradient() -> None:
         for loss in ("topk", "full", "ce")
         for upstream, hint in (("masked_mean", True), ("masked_mean", False), ("weighted", True))
     }
+    assert {(c.loss, c.upstream, c.gradient_in_forward, c.validate) for c in cases} >= {
+        (loss, upstream, upstream == "masked_mean", False) for loss in ("topk", "full", "ce")
+        for upstream in ("masked_mean", "weighted")
+    }
     assert {c.chunk_size for c in cases} == {None, 5}
 
 
@@ -267,6 +280,37 @@ def test_masked_mean_with_loss_mask_reuses_the_forward_gradients(loss_kind: str,
     weight = problem.weight.clone().requires_grad_(True)
     loss_of(problem, Case(loss_kind), hidden, weight, problem.teacher_hidden, problem.teacher_weight, None,
             False).sum().backward()
+
+
+@pytest.mark.parametrize("loss_kind", ["topk", "full", "ce"])
+def test_unchecked_an_upstream_gradient_other_than_c_times_the_mask_gives_nan_gradients(loss_kind: str) -> None:
+    """validate=False trusts the masked-sum contract without a host sync, but never silently breaks it."""
+    problem = make_problem()
+    hidden = problem.hidden.clone().requires_grad_(True)
+    weight = problem.weight.clone().requires_grad_(True)
+    case = Case(loss_kind, mask_hint=True, validate=False)
+    loss = loss_of(problem, case, hidden, weight, problem.teacher_hidden, problem.teacher_weight, None, False)
+    (loss * problem.weights).sum().backward()
+    assert torch.isnan(hidden.grad).all() and torch.isnan(weight.grad).all()
+
+
+@pytest.mark.parametrize("loss_kind", ["topk", "full", "ce"])
+def test_without_gradient_in_forward_the_forward_computes_only_the_loss(loss_kind: str, monkeypatch) -> None:
+    accumulated = []
+    original = linear_module._accumulate_grads
+    monkeypatch.setattr(linear_module, "_accumulate_grads",
+                        lambda *args: accumulated.append(1) or original(*args))
+    problem = make_problem()
+    hidden = problem.hidden.clone().requires_grad_(True)
+    weight = problem.weight.clone().requires_grad_(True)
+    case = Case(loss_kind, upstream="weighted", gradient_in_forward=False, chunk_size=5)
+    loss = loss_of(problem, case, hidden, weight, problem.teacher_hidden, problem.teacher_weight, None, False)
+    assert accumulated == []
+    backward(problem, case, loss)
+    assert len(accumulated) == 4  # 16 positions in chunks of 5, in backward
+    ref_loss, ref_hidden_grad, ref_weight_grad = reference(problem, case)
+    assert dense.rel_err(hidden.grad, ref_hidden_grad) <= TOLERANCE
+    assert dense.rel_err(weight.grad, ref_weight_grad) <= TOLERANCE
 
 
 def test_second_backward_recomputes_the_same_gradients() -> None:

@@ -2,7 +2,8 @@
 under torchrun), on examples/configs' single-teacher and cross-tokenizer configurations with shared
 reference teacher servers:
 
-- TP=2, PP=2, TP=2 x PP=2 and DP=2 give the per-step losses of TP=1 (relative 1e-4: float32 sums in
+- TP=2, PP=2, TP=2 x PP=2, DP=2 and TP=2 with the fused output layer (``loss.fused_output_layer``: the
+  losses computed without the student's logits) give the per-step losses of TP=1 (relative 1e-4: float32 sums in
   another order over four Adam steps), for a teacher with the student's tokenizer (top-K JSD) and one
   with another tokenizer (GOLD through the projection); a colocated full-vocabulary JSD teacher gives
   the same losses at TP=2 and PP=2; the global batch is the same at every layout;
@@ -10,7 +11,7 @@ reference teacher servers:
   uninterrupted run's losses (relative 1e-6), and ``metrics.jsonl`` describes one history;
 - a checkpoint saved at TP=2 continues at PP=2 with the uninterrupted run's losses;
 - an on-policy run (``rollout.lmbda=1``) trains on the student's own samples, and samples and trains
-  alike at TP=2, with a teacher of the student's tokenizer and with one of another tokenizer (which
+  alike at TP=2 (also with the fused output layer, which the sampling never sees), with a teacher of the student's tokenizer and with one of another tokenizer (which
   scores the text the sampled ids spell);
 - with ``rollout.engine=server`` the student is served by the reference server the trainer starts, its
   weights pushed before each step's sampling, and trains alike at TP=2;
@@ -42,8 +43,10 @@ SINGLE_CONFIG = CONFIGS / "single_teacher_topk.yaml"
 CROSS_CONFIG = CONFIGS / "cross_tokenizer_gold.yaml"
 COLOCATED_CONFIG = CONFIGS / "colocated_jsd.yaml"
 STEPS = 4
+FUSED = "loss.fused_output_layer=true"
 LAYOUTS = {"tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]), "dp2": (2, []),
            "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2"])}
+TOP_K_LAYOUTS = {**LAYOUTS, "tp2_fused_output_layer": (2, ["parallel.tp=2", FUSED])}  # GOLD needs the logits
 
 
 def command(output: Path, url: str, *overrides: str, nproc: int = 1, config: Path = SINGLE_CONFIG) -> list[str]:
@@ -94,9 +97,9 @@ def test_a_run_writes_its_config_metrics_report_plot_checkpoint_and_hf_student(b
     assert student.config.num_hidden_layers == 2
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", sorted(TOP_K_LAYOUTS))
 def test_every_parallel_layout_gives_the_single_process_losses(baseline, demo_teacher_url, tmp_path, layout) -> None:
-    nproc, overrides = LAYOUTS[layout]
+    nproc, overrides = TOP_K_LAYOUTS[layout]
     records = run(tmp_path, demo_teacher_url, *overrides, nproc=nproc)
     assert [r["tokens"] for r in records] == [r["tokens"] for r in baseline[1]]
     assert losses(records) == pytest.approx(losses(baseline[1]), rel=1e-4)
@@ -155,8 +158,10 @@ def test_an_on_policy_run_trains_on_the_students_samples(on_policy_baseline, bas
     assert report["rollouts"] == {"on_policy_steps": STEPS, "off_policy_steps": 0, "teacher_generated_steps": 0}
 
 
-def test_an_on_policy_run_samples_and_trains_alike_at_tp2(on_policy_baseline, demo_teacher_url, tmp_path) -> None:
-    records = run(tmp_path, demo_teacher_url, *ON_POLICY, "parallel.tp=2", nproc=2)
+@pytest.mark.parametrize("output_layer", [(), (FUSED,)], ids=["logits", "fused_output_layer"])
+def test_an_on_policy_run_samples_and_trains_alike_at_tp2(on_policy_baseline, demo_teacher_url, tmp_path,
+                                                          output_layer) -> None:
+    records = run(tmp_path, demo_teacher_url, *ON_POLICY, "parallel.tp=2", *output_layer, nproc=2)
     assert [r["tokens"] for r in records] == [r["tokens"] for r in on_policy_baseline[1]]
     assert losses(records) == pytest.approx(losses(on_policy_baseline[1]), rel=1e-4)
 

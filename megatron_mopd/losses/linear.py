@@ -25,11 +25,15 @@ faster than row-major chunks of 256 positions: no transposed copy of W is packed
 block of its vocabulary rows is contiguous for the loss math. A chunk's matmuls still pay for reading
 W once more per chunk; the automatic chunk is therefore as large as the memory budget allows.
 
-so the gradients are computed in the forward pass, with an upstream gradient of 1 per position (or
-``loss_mask``), and stored: 3 matmuls in all, as for an output layer and its backward, instead of 4
-for a recompute in backward. Backward scales them when the upstream gradient is c · loss_mask (a
-masked sum or mean: one host sync to check); for any other upstream gradient it recomputes each
-chunk's logits and gradient from the saved per-position statistics, exactly and without collectives.
+Most callers differentiate a masked sum or mean of the loss, so by default the gradients are
+computed in the forward pass for an upstream gradient of 1 per position in ``loss_mask``, and stored:
+3 matmuls in all, as for an output layer and its backward, instead of 4 for a recompute in backward.
+Backward multiplies them by the upstream gradient's common value c, read on the device (no host
+sync); ``validate`` checks that the upstream gradient is c · loss_mask (one host sync) and otherwise
+recomputes, and without it a different upstream gradient makes the gradients NaN. With
+``gradient_in_forward=False`` (per-position weights, such as MOPD's advantages) forward computes only
+the loss and backward recomputes each chunk's logits and gradient from the saved per-position
+statistics, exactly and without collectives.
 Padded vocabulary rows of W (global ids >= vocab_size) are never read and get a gradient of 0.
 
 Tensor parallelism (megatron.core.tensor_parallel.mappings, ``parallel/sequence.py``): the hidden
@@ -95,10 +99,13 @@ class _Plan:
     grad_hidden: bool
     grad_weight: bool
     active: Optional[torch.Tensor]  # bool [N] (loss_mask) or None: every row
+    gradient_in_forward: bool  # the gradients are computed in forward, for an upstream c · active
+    check_upstream: bool  # backward checks that upstream (a host sync) and recomputes if it is not
 
     @property
     def want_grad(self) -> bool:
-        return self.grad_hidden or self.grad_weight
+        """Whether forward computes the gradients."""
+        return (self.grad_hidden or self.grad_weight) and self.gradient_in_forward
 
 
 def _logits_into(buffer: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -144,32 +151,25 @@ def _accumulate_grads(
         grad_weight[vocab_rows] += torch.mm(low[vocab_rows], hidden)
 
 
-def _chunks_with_rows(mask: Optional[torch.Tensor], num_rows: int, rows_per_chunk: int) -> list[bool]:
-    """Per chunk: whether ``mask`` has a True row in it (all True without a mask). One host sync."""
-    slices = list(row_slices(num_rows, rows_per_chunk))
-    if mask is None:
-        return [True] * len(slices)
-    return torch.stack([mask[rows].any() for rows in slices]).tolist() if slices else []
-
-
-def _uniform_upstream(
+def _upstream_scale(
     upstream: torch.Tensor, active: Optional[torch.Tensor], zero_grad_rows: Optional[torch.Tensor]
-) -> Optional[float]:
-    """c when the upstream gradient is c on the active rows and 0 on the other rows, else None.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, uniform) as 0-dim device tensors, no host sync: c is the upstream gradient of the first
+    differentiated row (0 when there is none), ``uniform`` whether the upstream gradient is c on every
+    differentiated row (``active``; every row without it) and 0 on the others.
 
     Rows in ``zero_grad_rows`` have a zero gradient whatever their upstream gradient: not looked at.
-    A NaN upstream value never matches. One host sync.
+    A NaN upstream value is never uniform.
     """
     constant = torch.ones_like(upstream, dtype=torch.bool) if active is None else active.clone()
     zero = torch.zeros_like(constant) if active is None else ~active
     if zero_grad_rows is not None:
         constant &= ~zero_grad_rows
         zero &= ~zero_grad_rows
-    first = torch.argmax(constant.to(torch.uint8))
-    c = torch.where(constant.any(), upstream[first], 0.0)
-    matches = torch.where(constant, upstream == c, True) & torch.where(zero, upstream == 0, True)
-    ok, value = torch.stack([matches.all().float(), c]).tolist()
-    return value if ok == 1.0 else None
+    first = torch.argmax(constant.to(torch.uint8)).view(1)  # a tensor index: indexing with it would sync
+    c = torch.where(constant.any(), upstream.index_select(0, first).squeeze(0), 0.0)
+    uniform = (torch.where(constant, upstream == c, True) & torch.where(zero, upstream == 0, True)).all()
+    return c, uniform
 
 
 class _FusedOutputLayerLoss(torch.autograd.Function):
@@ -185,18 +185,14 @@ class _FusedOutputLayerLoss(torch.autograd.Function):
         buffer = torch.empty(min(plan.rows_per_chunk, num_rows) * num_valid, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if plan.grad_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if plan.grad_weight else None
-        differentiated = _chunks_with_rows(plan.active, num_rows, plan.rows_per_chunk) if plan.want_grad else None
-        for i, rows in enumerate(row_slices(num_rows, plan.rows_per_chunk)):
+        for rows in row_slices(num_rows, plan.rows_per_chunk):
             zt = _logits_into(buffer, hidden[rows], w)
-            want_grad = plan.want_grad and differentiated[i]
-            loss[rows] = chunks.forward_chunk(rows, zt, want_grad)
-            if want_grad:
+            loss[rows] = chunks.forward_chunk(rows, zt, plan.want_grad)
+            if plan.want_grad:
                 if plan.active is not None:
                     zt.masked_fill_(~plan.active[rows], 0.0)
                 _accumulate_grads(zt, hidden[rows], w, grad_hidden[rows] if grad_hidden is not None else None,
                                   grad_weight[:num_valid] if grad_weight is not None else None)
-            elif grad_hidden is not None:
-                grad_hidden[rows].zero_()
         ctx.save_for_backward(hidden, weight)
         ctx.chunks, ctx.plan = chunks, plan
         ctx.stored = (grad_hidden, grad_weight) if plan.want_grad else None
@@ -210,14 +206,15 @@ class _FusedOutputLayerLoss(torch.autograd.Function):
         upstream = grad_loss.reshape(-1).float()
         stored, ctx.stored = ctx.stored, None  # used once: a second backward recomputes
         if stored is not None:
-            scale = _uniform_upstream(upstream, plan.active, chunks.zero_grad_rows)
-            if scale is not None:
+            scale, uniform = _upstream_scale(upstream, plan.active, chunks.zero_grad_rows)
+            if not plan.check_upstream:  # trusted, unchecked: gradients of NaN if it was not uniform
+                scale = torch.where(uniform, scale, torch.nan)
+            if not plan.check_upstream or bool(uniform):
                 grad_hidden, grad_weight = stored
                 del stored
-                if scale != 1.0:
-                    for grad in (grad_hidden, grad_weight):
-                        if grad is not None:
-                            grad.mul_(scale)
+                for grad in (grad_hidden, grad_weight):
+                    if grad is not None:
+                        grad.mul_(scale)
                 if grad_weight is not None and grad_weight.dtype != weight.dtype:
                     grad_weight = grad_weight.to(weight.dtype)
                 return grad_hidden, grad_weight, None, None
@@ -238,21 +235,15 @@ def _recompute_grads(
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The gradients for any upstream gradient [N]: each chunk's logits and gradient recomputed.
 
-    ∂L/∂z_i = upstream_i · ∂loss_i/∂z_i from the statistics the forward saved (no collective); rows
-    whose upstream gradient is 0 (or whose gradient is 0 anyway) are skipped.
+    ∂L/∂z_i = upstream_i · ∂loss_i/∂z_i from the statistics the forward saved (no collective, no host
+    sync).
     """
     num_rows, num_valid = hidden.shape[0], chunks.shard.num_valid
     w = weight[:num_valid]
     grad_hidden = torch.zeros_like(hidden) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-    nonzero = upstream != 0
-    if chunks.zero_grad_rows is not None:
-        nonzero &= ~chunks.zero_grad_rows
     buffer = torch.empty(min(plan.rows_per_chunk, num_rows) * num_valid, dtype=torch.float32, device=hidden.device)
-    for rows, has_rows in zip(row_slices(num_rows, plan.rows_per_chunk),
-                              _chunks_with_rows(nonzero, num_rows, plan.rows_per_chunk)):
-        if not has_rows:
-            continue
+    for rows in row_slices(num_rows, plan.rows_per_chunk):
         zt = _logits_into(buffer, hidden[rows], w)
         chunks.grad_chunk(rows, zt)
         zt.mul_(upstream[rows])
@@ -308,7 +299,8 @@ def _output_layer(
     return _OutputLayer(mapped.reshape(-1, hidden.shape[-1]).contiguous(), weight, shard, mapped.shape[:-1])
 
 
-def _plan(layer: _OutputLayer, chunk_size: Optional[int], loss_mask: Optional[torch.Tensor]) -> _Plan:
+def _plan(layer: _OutputLayer, chunk_size: Optional[int], loss_mask: Optional[torch.Tensor],
+          gradient_in_forward: bool, validate: bool) -> _Plan:
     active = None
     if loss_mask is not None:
         if loss_mask.shape != layer.positions:
@@ -323,6 +315,8 @@ def _plan(layer: _OutputLayer, chunk_size: Optional[int], loss_mask: Optional[to
         grad_hidden=grad_enabled and layer.hidden.requires_grad,
         grad_weight=grad_enabled and layer.weight.requires_grad,
         active=active,
+        gradient_in_forward=gradient_in_forward,
+        check_upstream=validate,
     )
 
 
@@ -345,6 +339,7 @@ def linear_topk_generalized_jsd(
     scale_by_temperature_squared: bool = False,
     sequence_parallel: bool = False,
     loss_mask: Optional[torch.Tensor] = None,
+    gradient_in_forward: bool = True,
     validate: bool = True,
 ) -> torch.Tensor:
     """``topk_generalized_jsd(hidden @ output_weight.T, ...)`` without the logits.
@@ -356,16 +351,23 @@ def linear_topk_generalized_jsd(
             same dtype as ``hidden``. No bias (Megatron's output layer has none).
         teacher_topk_logprobs, teacher_topk_ids: ``[..., K]`` over the positions of the (gathered)
             hidden states, as in ``topk_generalized_jsd``.
-        beta, temperature, tail, vocab_size, tp_group, scale_by_temperature_squared, validate: as in
+        beta, temperature, tail, vocab_size, tp_group, scale_by_temperature_squared: as in
             ``topk_generalized_jsd``.
+        validate: as in ``topk_generalized_jsd`` (no host sync when False); also whether backward checks
+            its upstream gradient (``gradient_in_forward``).
         chunk_size: positions per chunk of logits (None: 44 MiB of float32 logits on CPU, 256 MiB on an
             accelerator).
         sequence_parallel: ``hidden`` is sequence-sharded (all-gather forward, reduce-scatter backward).
-        loss_mask: ``[...]`` bool or 0/1 over the positions: which positions the caller will
-            differentiate (e.g. ``labels != -100``). It never changes a value: the loss is returned at
-            every position and backward is exact for any upstream gradient; when that gradient is
-            c · loss_mask (a masked sum or mean; c · 1 without a mask) backward reuses the gradients
-            computed in forward, otherwise it recomputes the logits chunk by chunk.
+        loss_mask: ``[...]`` bool or 0/1 over the positions: which positions the caller differentiates
+            (e.g. ``labels != -100``; None: every one). It never changes a value: the loss is returned
+            at every position.
+        gradient_in_forward: compute the gradients in the forward pass (3 matmuls in all, as an output
+            layer and its backward), for an upstream gradient c · loss_mask: a masked sum or mean, c
+            any scalar (a loss scale). With ``validate`` backward checks that (one host sync) and
+            recomputes for any other upstream gradient; without, any other upstream gradient makes the
+            gradients NaN (loud, never silently wrong). False: forward computes only the loss and
+            backward recomputes each chunk's logits, exact for any upstream gradient (per-position
+            weights), with one matmul more.
     Returns:
         float32 ``[...]`` (the gathered positions): the loss of each position, identical on every TP
         rank. Gradients flow to ``hidden`` and ``output_weight`` in their dtypes.
@@ -394,7 +396,7 @@ def linear_topk_generalized_jsd(
         tail=tail == "tail",
         loss_scale=temperature**2 if scale_by_temperature_squared else 1.0,
     )
-    return _run(layer, chunks, _plan(layer, chunk_size, loss_mask))
+    return _run(layer, chunks, _plan(layer, chunk_size, loss_mask, gradient_in_forward, validate))
 
 
 def linear_generalized_jsd(
@@ -412,6 +414,7 @@ def linear_generalized_jsd(
     fused: bool = False,
     sequence_parallel: bool = False,
     loss_mask: Optional[torch.Tensor] = None,
+    gradient_in_forward: bool = True,
     validate: bool = True,
 ) -> torch.Tensor:
     """``generalized_jsd(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, ...)``
@@ -425,10 +428,12 @@ def linear_generalized_jsd(
             (the same vocabulary rows); any floating dtype, the same for both. Constants: no gradient.
         beta, temperature, vocab_size, tp_group, scale_by_temperature_squared, fused: as in
             ``generalized_jsd``.
-        chunk_size, sequence_parallel, loss_mask: as in ``linear_topk_generalized_jsd``; the student's and
-            the teacher's logits are each held one chunk at a time (two chunk buffers).
+        chunk_size, sequence_parallel, loss_mask, gradient_in_forward: as in
+            ``linear_topk_generalized_jsd``; the student's and the teacher's logits are each held one
+            chunk at a time (two chunk buffers).
         validate: after the forward, if a loss is not finite (one host sync), raise ValueError naming
-            the first position whose teacher logits are not a distribution (NaN or +inf, or all -inf).
+            the first position whose teacher logits are not a distribution (NaN or +inf, or all -inf);
+            also whether backward checks its upstream gradient (``gradient_in_forward``).
     Returns:
         float32 ``[...]``: the loss of each (gathered) position, identical on every TP rank.
     """
@@ -448,7 +453,7 @@ def linear_generalized_jsd(
     group = shard.group if shard.parallel else None
     teacher_2d = (all_gather_first_dim(teacher_hidden.detach(), group) if sequence_parallel
                   else teacher_hidden.detach()).reshape(-1, teacher_hidden.shape[-1])
-    plan = _plan(layer, chunk_size, loss_mask)
+    plan = _plan(layer, chunk_size, loss_mask, gradient_in_forward, validate)
     teacher_w = teacher_weight.detach()[: shard.num_valid]
     teacher_buffer = torch.empty(min(plan.rows_per_chunk, teacher_2d.shape[0]) * shard.num_valid,
                                  dtype=torch.float32, device=teacher_2d.device)
@@ -519,16 +524,19 @@ def linear_cross_entropy(
     chunk_size: Optional[int] = None,
     sequence_parallel: bool = False,
     loss_mask: Optional[torch.Tensor] = None,
+    gradient_in_forward: bool = True,
     validate: bool = True,
 ) -> torch.Tensor:
     """``-vocab_parallel_token_logprobs(hidden @ output_weight.T, labels)`` without the logits (``sft_alpha``).
 
     Args:
-        hidden, output_weight, chunk_size, sequence_parallel, loss_mask: as in
+        hidden, output_weight, chunk_size, sequence_parallel, loss_mask, gradient_in_forward: as in
             ``linear_topk_generalized_jsd``.
         labels: ``[...]`` integer global vocabulary ids over the (gathered) positions; negative
             entries (−100) are skipped: loss 0, no gradient.
-        temperature, vocab_size, tp_group, validate: as in ``vocab_parallel_token_logprobs``.
+        temperature, vocab_size, tp_group: as in ``vocab_parallel_token_logprobs``.
+        validate: as in ``vocab_parallel_token_logprobs``; also whether backward checks its upstream
+            gradient (``gradient_in_forward``).
     Returns:
         float32 ``[...]``: −log softmax(logits / τ)[label] per position (0 where skipped), identical on
         every TP rank; +inf where the label's logit is −inf.
@@ -548,4 +556,4 @@ def linear_cross_entropy(
             f"the data was tokenized with another tokenizer than the model's"
         )
     chunks = CrossEntropyChunks(layer.shard, labels.reshape(-1), temperature=temperature)
-    return _run(layer, chunks, _plan(layer, chunk_size, loss_mask))
+    return _run(layer, chunks, _plan(layer, chunk_size, loss_mask, gradient_in_forward, validate))

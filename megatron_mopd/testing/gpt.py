@@ -38,7 +38,7 @@ class TinyGPT:
         multiple = self.make_vocab_size_divisible_by * tp
         return math.ceil(self.vocab_size / multiple) * multiple
 
-    def config(self, tp: int, pp: int) -> Any:
+    def config(self, tp: int, pp: int, sequence_parallel: bool = False) -> Any:
         """The ``TransformerConfig`` at tensor-parallel size ``tp`` and pipeline size ``pp``."""
         from megatron.core.transformer import TransformerConfig
 
@@ -60,6 +60,7 @@ class TinyGPT:
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             pipeline_dtype=torch.float32,
+            sequence_parallel=sequence_parallel,
         )
 
     def layer_spec(self) -> Any:
@@ -72,14 +73,14 @@ class TinyGPT:
         """``GPTModel`` arguments besides config, spec, sizes and stage flags."""
         return {"share_embeddings_and_output_weights": True, "position_embedding_type": "rope"}
 
-    def build(self, tp: int, pp: int) -> torch.nn.Module:
+    def build(self, tp: int, pp: int, sequence_parallel: bool = False) -> torch.nn.Module:
         """This rank's ``GPTModel`` (its pipeline stage, its TP shard); Megatron's parallel state must
         be initialized with these sizes."""
         from megatron.core import parallel_state
         from megatron.core.models.gpt import GPTModel
 
         return GPTModel(
-            self.config(tp, pp),
+            self.config(tp, pp, sequence_parallel),
             self.layer_spec(),
             vocab_size=self.padded_vocab_size(tp),
             max_sequence_length=self.max_sequence_length,

@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 TEACHER_LOSSES = ("topk_jsd", "jsd", "ctkd", "gold", "mopd")
+FUSED_OUTPUT_LAYER_LOSSES = ("topk_jsd", "mopd")  # the others read the student's logits whole
 PLACEMENTS = ("remote", "colocated")
 PROTOCOLS = ("vllm", "sglang")
 TAILS = ("tail", "renorm")
@@ -146,6 +147,9 @@ class LossConfig:
     validate_inputs: bool = _help("check every loss input on the device each micro-batch (host syncs; to locate a "
                                   "bad position); off, the loss is checked once per step and a non-finite one "
                                   "names its teachers", False)
+    fused_output_layer: bool = _help("compute the output layer inside the loss, chunk by chunk, so the student's "
+                                     "logits never exist (the same losses and gradients, far less memory); "
+                                     "teacher losses topk_jsd and mopd, and sft_alpha", False)
 
     def __post_init__(self) -> None:
         _require(self.routing in ROUTINGS, f"loss.routing must be one of {ROUTINGS}, got {self.routing!r}")
@@ -362,6 +366,12 @@ class MopdConfig:
             t.placement == "remote" for t in self.teachers),
                  "rollout.seq_kd with loss.routing=domain: each sample's own teacher generates its completion, so "
                  "every teacher must be remote")
+        if self.loss.fused_output_layer:
+            logits_losses = [f"{t.name!r} ({t.loss})" for t in self.teachers if t.loss not in FUSED_OUTPUT_LAYER_LOSSES]
+            _require(not logits_losses,
+                     f"loss.fused_output_layer computes the losses {', '.join(FUSED_OUTPUT_LAYER_LOSSES)} (and "
+                     f"loss.sft_alpha) without the student's logits; teacher(s) {', '.join(logits_losses)} need the "
+                     f"logits: set loss.fused_output_layer=false")
         default_teacher_temperatures(self.teachers, self.rollout.temperature)
 
 

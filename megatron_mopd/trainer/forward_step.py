@@ -10,6 +10,11 @@ and the teacher: one host sync per micro-batch. The trainer turns it off unless 
 is set and checks the reduced loss once per step instead (``trainer.step``): with validation off the
 loss's forward and backward make no host sync.
 
+With ``StepContext.fused_output_layer`` (``loss.fused_output_layer``) the last stage's output layer is
+bypassed: the model returns its hidden states, and ``loss_func`` computes the same losses with the
+fused output-layer losses on them and the output layer's weight (``trainer.student_output``), so the
+logits never exist.
+
 The same ``forward_step`` serves the trainer (``trainer.step``) and Megatron-LM's ``pretrain()``.
 """
 
@@ -27,6 +32,9 @@ from megatron_mopd.teachers import PendingTeacherScores, TeacherLogprobs
 from megatron_mopd.trainer.config import TeacherConfig
 from megatron_mopd.trainer.cross_tokenizer import chunk_ids
 from megatron_mopd.trainer.objective import Targets, TeacherTerm, micro_batch_objective
+from megatron_mopd.trainer.student_output import (
+    OutputLayerInput, StudentLogits, hidden_states_instead_of_logits, output_layer_weight,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,6 +107,7 @@ class StepContext:
     rank: int
     validate_inputs: bool = False  # every loss checks its inputs on the device (host syncs; locates a bad one)
     check_loss_per_micro_batch: bool = True  # one host sync per micro-batch; the trainer checks per step
+    fused_output_layer: bool = False  # the loss runs on the output layer's input and weight, never the logits
 
 
 @dataclass
@@ -117,15 +126,31 @@ class MicroBatch:
 
 
 def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-    """Run the student on the next micro-batch; the loss is computed by the returned ``loss_func``."""
+    """Run the student on the next micro-batch; the loss is computed by the returned ``loss_func``.
+
+    With ``fused_output_layer`` the last stage returns the hidden states ``[b, s, H]`` instead of the
+    logits, and the loss reads the output layer's weight.
+    """
+    from megatron.core.utils import unwrap_model
+
     batch = next(data_iterator)
-    logits = model(batch.tokens, batch.position_ids, None)
-    return logits, partial(loss_func, batch)
+    gpt = unwrap_model(model)
+    if not (batch.context.fused_output_layer and gpt.post_process):
+        return model(batch.tokens, batch.position_ids, None), partial(loss_func, batch)
+    with hidden_states_instead_of_logits(gpt):
+        hidden = model(batch.tokens, batch.position_ids, None)
+    return hidden, partial(loss_func, batch, output_weight=output_layer_weight(gpt),
+                           sequence_parallel=gpt.config.sequence_parallel)
 
 
-def loss_func(batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def loss_func(batch: MicroBatch, output: torch.Tensor, *, output_weight: Optional[torch.Tensor] = None,
+              sequence_parallel: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """``(loss_sum, num_tokens, logs)`` of the micro-batch; ``logs`` maps names to ``[sum, count]``.
 
+    Args:
+        output: the model's output: the logits ``[b, s, V_local]``, or with ``output_weight`` the hidden
+            states ``[b, s, H]`` (``[b, s / tp, H]`` with ``sequence_parallel``) the output layer would
+            multiply by ``output_weight`` ``[V_local, H]``.
     Raises:
         NonFiniteLossError: with ``context.check_loss_per_micro_batch``, the loss, or one teacher's part of
             it, is NaN or infinite.
@@ -133,12 +158,17 @@ def loss_func(batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, to
     """
     context = batch.context
     rows = slice(batch.first_row, batch.first_row + batch.tokens.shape[0])
-    device = logits.device
+    if output_weight is None:
+        student = StudentLogits(output, vocab_size=context.vocab_size, validate=context.validate_inputs)
+    else:
+        student = OutputLayerInput(output, output_weight, sequence_parallel=sequence_parallel,
+                                   vocab_size=context.vocab_size, validate=context.validate_inputs)
+    device = output.device
     terms = [_term(teacher, rows, batch, device, context) for teacher in context.teachers]
     targets = Targets(_to(batch.labels, device), _to(batch.dataset_completion, device),
                       None if batch.behaviour_logprobs is None else _to(batch.behaviour_logprobs, device),
                       batch.behaviour_temperature)
-    parts = micro_batch_objective(logits, targets, terms, sft_alpha=context.sft_alpha, vocab_size=context.vocab_size,
+    parts = micro_batch_objective(student, targets, terms, sft_alpha=context.sft_alpha, vocab_size=context.vocab_size,
                                   validate=context.validate_inputs)
     logs = {"loss": torch.stack([parts.loss_sum.detach(), parts.num_tokens.float()])}
     for name, (total, count) in parts.divergences.items():

@@ -374,7 +374,8 @@ def _build_trainee(config: MopdConfig, arch, tokenizer, layout: Layout, say: Cal
     model_config.finalize_model_grads_func = finalize_model_grads
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Trainee([ddp], optimizer, scheduler, get_forward_backward_func(), config.data.seq_length,
-                   train.micro_batch_size, arch.vocab_size, pad_id if pad_id is not None else 0)
+                   train.micro_batch_size, arch.vocab_size, pad_id if pad_id is not None else 0,
+                   fused_output_layer=config.loss.fused_output_layer)
 
 
 def _colocated_teacher(teacher, config: MopdConfig, arch, trainee):

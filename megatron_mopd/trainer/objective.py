@@ -26,6 +26,9 @@ Per-token teacher losses ℓ_t:
   is floored at ``MOPD_TEACHER_LOGPROB_FLOOR``. Its logged divergence is the sampled estimate of
   KL(S‖T), the mean of log π_S(y) − log π_T(y).
 
+The student's output is its logits shard, or with ``loss.fused_output_layer`` its output layer's
+input and weight (``trainer.student_output``): the same losses, without the logits.
+
 Validation (``loss.validate_inputs``): on, every loss checks its inputs on the device each micro-batch
 and raises naming the first bad position (host syncs, to locate a problem); off (the default), the
 objective makes no host sync, and what it would have raised becomes a NaN loss that the step's single
@@ -39,12 +42,11 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_mopd.losses import (
-    generalized_jsd, gold_loss, projected_kl, topk_generalized_jsd, vocab_parallel_token_logprobs,
-)
+from megatron_mopd.losses import generalized_jsd, gold_loss, projected_kl
 from megatron_mopd.teachers import TeacherLogprobs
 from megatron_mopd.trainer.config import TeacherConfig
 from megatron_mopd.trainer.cross_tokenizer import ChunkIds
+from megatron_mopd.trainer.student_output import StudentLogits, StudentOutput
 
 MOPD_TEACHER_LOGPROB_FLOOR = -20.0
 
@@ -102,7 +104,7 @@ class ObjectiveParts:
 
 
 def micro_batch_objective(
-    logits: torch.Tensor,
+    student: StudentOutput | torch.Tensor,
     targets: Targets,
     teachers: list[TeacherTerm],
     *,
@@ -110,36 +112,45 @@ def micro_batch_objective(
     vocab_size: int,
     validate: bool = True,
 ) -> ObjectiveParts:
-    """The loss of one micro-batch (module docstring) on the student's logits shard ``[b, s, V_local]``.
+    """The loss of one micro-batch (module docstring) on the student's output: its logits shard
+    ``[b, s, V_local]`` (a tensor or ``StudentLogits``) or ``OutputLayerInput``.
 
     ``validate``: every loss checks its inputs on the device (host syncs) and a completion token that
     a routed teacher has no score for raises. False: no host sync at all; such a token's loss is NaN
     instead, so a missing score never passes unnoticed (the step checks the loss once, ``trainer.step``).
+    With a tensor, ``vocab_size`` and ``validate`` configure the logits losses; a ``StudentOutput``
+    carries its own.
 
     Raises:
         ValueError: with ``validate``, a completion token that a teacher routed to it has no score for
             (the teacher scored fewer positions than the student trains on), or a loss input that is
-            not valid.
+            not valid; a teacher whose loss needs the logits of a student that has none.
     """
+    if isinstance(student, torch.Tensor):
+        student = StudentLogits(student, vocab_size=vocab_size, validate=validate)
     labels = targets.labels
     completion = labels != -100
     num_tokens = completion.sum()
+    dataset_tokens = completion & targets.dataset_completion[:, None]
+    mopd = any(t.config.loss == "mopd" for t in teachers)
     student_logp = None
-    if sft_alpha > 0 or any(t.config.loss == "mopd" for t in teachers):
-        student_logp = vocab_parallel_token_logprobs(logits, labels, vocab_size=vocab_size, validate=validate)
+    if sft_alpha > 0 or mopd:  # SFT alone: one common weight on the dataset tokens; MOPD: per-token weights
+        student_logp = student.token_logprobs(labels, common_weight_on=None if mopd else dataset_tokens)
 
-    loss_sum = logits.new_zeros((), dtype=torch.float32)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=student.device)
     divergences: dict[str, SumCount] = {}
     for term in teachers:
         scored = completion & term.route[:, None]
         missing = None
         if term.chunks is not None:
-            scored &= term.chunks.student.to(logits.device, non_blocking=True) >= 0
+            scored &= term.chunks.student.to(student.device, non_blocking=True) >= 0
         elif term.scores is not None:
             missing = scored & ~term.scores.valid
             if validate:
                 _check_rows(term, missing)
-        per_token, divergence = _teacher_loss(logits, student_logp, targets, term, vocab_size, validate)
+        differentiated = scored if missing is None else scored & ~missing
+        per_token, divergence = _teacher_loss(student, student_logp, targets, term, differentiated, vocab_size,
+                                              validate)
         if missing is not None:  # all False when validated
             per_token = torch.where(missing, torch.nan, per_token)
             divergence = torch.where(missing, torch.nan, divergence)
@@ -148,32 +159,32 @@ def micro_batch_objective(
                                          scored.sum().float())
     sft = None
     if sft_alpha > 0:
-        kept = completion & targets.dataset_completion[:, None]
-        nll = torch.where(kept, -student_logp, 0.0).sum()
+        nll = torch.where(dataset_tokens, -student_logp, 0.0).sum()
         loss_sum = loss_sum + sft_alpha * nll
-        sft = (nll.detach(), kept.sum().float())
+        sft = (nll.detach(), dataset_tokens.sum().float())
     return ObjectiveParts(loss_sum, num_tokens, divergences, sft)
 
 
 def _teacher_loss(
-    logits: torch.Tensor,
+    student: StudentOutput,
     student_logp: Optional[torch.Tensor],
     targets: Targets,
     term: TeacherTerm,
+    differentiated: torch.Tensor,
     vocab_size: int,
     validate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token loss ``[b, s]`` with gradient, per-token divergence ``[b, s]`` for the logs)."""
+    """(per-token loss ``[b, s]`` with gradient, per-token divergence ``[b, s]`` for the logs).
+
+    ``differentiated``: bool ``[b, s]``, the positions whose loss enters the sum with the teacher's weight.
+    """
     cfg, scores = term.config, term.scores
     if cfg.loss == "jsd":
-        loss = generalized_jsd(logits, term.logits, beta=cfg.beta, temperature=cfg.temperature, vocab_size=vocab_size,
-                               validate=validate)
+        loss = generalized_jsd(student.logits(f"teacher {cfg.name!r} (loss jsd)"), term.logits, beta=cfg.beta,
+                               temperature=cfg.temperature, vocab_size=vocab_size, validate=validate)
         return loss, loss.detach()
     if cfg.loss == "topk_jsd":
-        loss = topk_generalized_jsd(
-            logits, scores.topk_logprobs, scores.topk_ids, beta=cfg.beta, temperature=cfg.temperature,
-            tail=cfg.tail, vocab_size=vocab_size, validate=validate,
-        )
+        loss = student.topk_jsd(scores, differentiated, beta=cfg.beta, temperature=cfg.temperature, tail=cfg.tail)
         return loss, loss.detach()
     if cfg.loss == "mopd":
         teacher_logp = scores.token_logprobs.clamp_min(MOPD_TEACHER_LOGPROB_FLOOR)
@@ -182,15 +193,16 @@ def _teacher_loss(
         if targets.behaviour_logprobs is not None:
             current = student_logp.detach()  # π_S at the temperature the rollout sampled at
             if targets.behaviour_temperature != 1.0:
-                current = vocab_parallel_token_logprobs(logits.detach(), targets.labels, vocab_size=vocab_size,
-                                                        temperature=targets.behaviour_temperature, validate=validate)
+                current = student.token_logprobs(targets.labels, temperature=targets.behaviour_temperature,
+                                                 differentiable=False)
             ratio = (current - targets.behaviour_logprobs).exp()
             weight = torch.where(targets.dataset_completion[:, None], weight,
                                  ratio.clamp(cfg.importance_ratio_min, cfg.importance_ratio_max))
         return weight * log_ratio * student_logp, log_ratio
     if cfg.loss in ("ctkd", "gold"):
-        per_chunk = _chunk_losses(logits, term, vocab_size, validate)
-        chunk_of = term.chunks.student.to(logits.device, non_blocking=True)
+        per_chunk = _chunk_losses(student.logits(f"teacher {cfg.name!r} (loss {cfg.loss})"), term, vocab_size,
+                                  validate)
+        chunk_of = term.chunks.student.to(student.device, non_blocking=True)
         per_token = torch.where(chunk_of >= 0, per_chunk[chunk_of.clamp_min(0)], 0.0)
         return per_token, per_token.detach()
     raise ValueError(f"teacher {cfg.name!r}: loss {cfg.loss!r} is not available in the trainer yet "

@@ -88,6 +88,7 @@ class Trainee:
     micro_batch_size: int
     vocab_size: int
     pad_id: int
+    fused_output_layer: bool = False  # loss.fused_output_layer: the losses never see the logits
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,8 @@ def _run_schedule(step: int, trainee: Trainee, completed: Completed, teachers: S
         step_teachers = [_submit(teacher, examples, routes[teacher.config.name], trainee.seq_length,
                                  trainee.vocab_size) for teacher in teachers]
     context = StepContext(step, step_teachers, routes, sft_alpha, trainee.vocab_size, dist.get_rank(),
-                          validate_inputs=validate_inputs, check_loss_per_micro_batch=validate_inputs)
+                          validate_inputs=validate_inputs, check_loss_per_micro_batch=validate_inputs,
+                          fused_output_layer=trainee.fused_output_layer)
     micro_batches = _micro_batches(completed, context, trainee)
     with timer.time("forward_backward"):
         if not forward_only:

@@ -148,7 +148,8 @@ class MopdForwardStep:
         rows = tokens.shape[0]
         context = StepContext(step, self._submit(tokens, labels, trained), self._routes(rows, tokens.device),
                               self.config.loss.sft_alpha, self._vocabulary(), dist.get_rank(),
-                              validate_inputs=self.config.loss.validate_inputs)
+                              validate_inputs=self.config.loss.validate_inputs,
+                              fused_output_layer=self.config.loss.fused_output_layer)
         batch = MicroBatch(tokens, position_ids, torch.where(trained, labels, IGNORE_INDEX),
                            torch.ones(rows, dtype=torch.bool, device=tokens.device), 0, context)
         return forward_step(iter([batch]), model)
