@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_mopd import kernels
-from megatron_mopd.losses import topk_generalized_jsd, vocab_parallel_token_logprobs
+from megatron_mopd.losses import generalized_jsd, topk_generalized_jsd, vocab_parallel_token_logprobs
 from megatron_mopd.parallel.chunking import local_logsumexp
 from megatron_mopd.parallel.vocab import VocabShard
 
@@ -39,6 +39,7 @@ def test_the_losses_on_cpu_never_load_a_kernel(monkeypatch: pytest.MonkeyPatch) 
     labels = torch.randint(0, 36, (2, 3), generator=gen)
     loss = topk_generalized_jsd(logits, top_logp, top_ids, temperature=0.7, vocab_size=36).sum()
     loss = loss + vocab_parallel_token_logprobs(logits, labels, temperature=0.7, vocab_size=36).sum()
+    loss = loss + generalized_jsd(logits, torch.randn(2, 3, 40, generator=gen), vocab_size=36).sum()
     loss.backward()
     assert logits.grad is not None and bool(torch.isfinite(logits.grad).all())
 

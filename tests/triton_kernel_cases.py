@@ -349,6 +349,54 @@ def losses_through_the_dispatch_match_the_pytorch_path() -> None:
                 assert_close(grad, expected_grad, what=what + " grad")
 
 
+@case
+def generalized_jsd_through_the_dispatch_matches_the_pytorch_path() -> None:
+    """generalized_jsd (the logsumexp, partial-sums and gradient kernels) forward and backward, with the
+    dispatch switched to the kernels for CPU tensors, against the PyTorch path on the float32 values."""
+    import megatron_mopd.losses.jsd as jsd
+    import megatron_mopd.parallel.chunking as chunking
+    from megatron_mopd.losses import generalized_jsd
+
+    vocab_size, local = 250, 300
+    gen = torch.Generator().manual_seed(6)
+    student = torch.randn(3, 4, local, generator=gen) * 3.0
+    teacher = torch.randn(3, 4, local, generator=gen) * 3.0
+    student[0, 1, ::7] = -torch.inf
+    teacher[2, 0, 1::9] = -torch.inf
+    originals = (jsd.use_triton, chunking.use_triton)
+    dispatched: list[torch.Tensor] = []
+
+    def always(tensor: torch.Tensor) -> bool:
+        dispatched.append(tensor)
+        return True
+
+    for tau in TEMPERATURES:
+        for beta in (0.0, 0.3, 1.0):
+            def fn(z: torch.Tensor) -> torch.Tensor:
+                return generalized_jsd(z, teacher.to(z.dtype), beta=beta, temperature=tau, vocab_size=vocab_size,
+                                       chunk_size=5, validate=False)
+
+            for dtype in (torch.float32, torch.bfloat16):
+                values = student.to(dtype)
+                expected_loss, expected_grad = _loss_and_grad(
+                    lambda z: generalized_jsd(z, teacher.to(dtype).float(), beta=beta, temperature=tau,
+                                              vocab_size=vocab_size, chunk_size=5, validate=False), values.float())
+                dispatched.clear()
+                jsd.use_triton = chunking.use_triton = always
+                try:
+                    loss, grad = _loss_and_grad(fn, values)
+                finally:
+                    jsd.use_triton, chunking.use_triton = originals
+                assert dispatched, "the kernels were dispatched"
+                what = f"generalized_jsd beta={beta} tau={tau} {dtype}"
+                assert grad.dtype == dtype, what
+                # the two paths evaluate p_s·(g − Σg) in other orders: compare at its operands' size
+                magnitude = _jsd_reference(values.float().reshape(-1, local), teacher.to(dtype).float().reshape(
+                    -1, local), vocab_size, beta, tau)[5].view(grad.shape) * (1.5 / tau)  # upstream weights <= 1.5
+                assert_close(loss, expected_loss, what=what + " loss")
+                assert_close(grad, expected_grad, magnitude=magnitude, what=what + " grad")
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("run with TRITON_INTERPRET=1 (tests/test_triton_kernels.py does)", file=sys.stderr)

@@ -19,8 +19,9 @@ series near 0 (truncation error < 1e-8) and with exp / log elsewhere, within 2.5
 float64 values (torch's float32 ones: 6e-8), so the kernels need no libdevice, which Triton's
 interpreter cannot run.
 
-Not used by ``losses/jsd.py`` yet (its forward loop is being rewritten); tested against
-``generalized_jsd_terms`` in tests/triton_kernel_cases.py.
+``losses/jsd.py`` runs them per chunk on CUDA (``_kernel_chunk``). Tested against
+``generalized_jsd_terms``, and ``generalized_jsd`` through the dispatch against its PyTorch path, in
+tests/triton_kernel_cases.py.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ Forward, one pass over token chunks; per chunk:
   2. partial loss and Σ_v g_v on the local shard, one all-reduce of 2 scalars per token;
   3. the gradient of the chunk, written into the single float32 buffer kept for backward.
 Backward scales that buffer by the upstream gradient in place. The teacher is a constant: no
-gradient flows into ``teacher_logits``.
+gradient flows into ``teacher_logits``. On CUDA with Triton, steps 2 and 3 are two kernels
+(``kernels.jsd``: the partial sums in one pass over both rows, the gradient written straight into the
+buffer in the logits' dtype) after the logsumexp kernel of step 1; CPU and NPU run the PyTorch passes.
 
 A -inf logit is a token of probability 0 on that side (divergence.py says which β make the loss
 +inf). A NaN or +inf teacher logit, or a teacher row of only -inf, is not a distribution: it makes
@@ -29,7 +31,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from megatron_mopd.parallel.chunking import chunk_rows, row_slices, tempered_fp32
+from megatron_mopd.kernels import use_triton
+from megatron_mopd.parallel.chunking import chunk_rows, local_logsumexp, row_slices, tempered_fp32
 from megatron_mopd.losses.divergence import (
     fused_generalized_jsd_terms,
     generalized_jsd_terms,
@@ -61,9 +64,13 @@ class _VocabParallelGeneralizedJSD(torch.autograd.Function):
         loss = torch.empty(num_tokens, dtype=torch.float32, device=z_s.device)
         # The gradient is written chunk by chunk in the logits' dtype: no float32 copy of a bf16 shard.
         grad = shard.empty_with_zero_padding(z_s, student_logits.dtype)
-        chunk = _mixture_chunk if 0.0 < beta < 1.0 else _divergence_chunk
         coef = loss_scale / temperature
+        kernels = use_triton(z_s)
+        chunk = _mixture_chunk if 0.0 < beta < 1.0 else _divergence_chunk
         for rows in row_slices(num_tokens, rows_per_chunk):
+            if kernels:  # the gradient written straight into the buffer, padded columns included
+                loss[rows] = _kernel_chunk(z_s[rows], z_t[rows], shard, beta, temperature, coef, grad[rows])
+                continue
             out = grad[rows, :valid]
             work = out if out.dtype == torch.float32 else torch.empty(out.shape, device=out.device)
             loss[rows] = chunk(z_s[rows, :valid], z_t[rows, :valid], shard, beta, temperature, coef, work, fused)
@@ -126,6 +133,32 @@ def _divergence_chunk(
     return loss_and_g_sum[0]
 
 
+def _kernel_chunk(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    shard: VocabShard,
+    beta: float,
+    temperature: float,
+    coef: float,
+    grad_out: torch.Tensor,
+) -> torch.Tensor:
+    """``_divergence_chunk`` by the Triton kernels (CUDA), on the chunk's whole ``[n, V_local]`` rows.
+
+    Each side's logsumexp kernel and one all-gather, the partial sums kernel and one all-reduce, then
+    the gradient kernel writing ``coef · (g − p_s · Σg)`` (0 in the padded columns) into ``grad_out``
+    in its dtype: the logits are read three times and nothing of the chunk's size is allocated.
+    """
+    from megatron_mopd.kernels.jsd import triton_jsd_gradient, triton_jsd_loss_terms
+
+    valid = shard.num_valid
+    local_lse = torch.stack([local_logsumexp(side, valid, temperature, side.shape[0]) for side in (student, teacher)])
+    lse_s, lse_t = shard.logsumexp(local_lse) if shard.parallel else local_lse
+    partial_loss, g_sum = shard.all_reduce_(
+        torch.stack(triton_jsd_loss_terms(student, teacher, lse_s, lse_t, valid, beta, temperature)))
+    triton_jsd_gradient(student, teacher, lse_s, lse_t, g_sum, valid, beta, temperature, coef, grad_out)
+    return partial_loss
+
+
 def _mixture_chunk(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -182,42 +215,49 @@ def fused_mixture_parts() -> tuple[Callable[..., Any], Callable[..., Any]]:
     return torch.compile(_mixture_sums, dynamic=True), torch.compile(_mixture_gradient_, dynamic=True)
 
 
-def _raise_on_invalid_teacher_rows(
-    z_t: torch.Tensor,
+def raise_on_invalid_teacher_rows(
     loss: torch.Tensor,
+    teacher_logits_at: Callable[[torch.Tensor], torch.Tensor],
     shard: VocabShard,
     temperature: float,
     rows_per_chunk: int,
-    leading_shape: torch.Size,
+    positions: torch.Size,
+    *,
+    subject: str,
+    remedy: str,
 ) -> None:
     """Raise ValueError naming the first position whose teacher logits are not a distribution.
 
-    Runs only when some loss is not finite, which every invalid teacher row causes; a student NaN or
-    a genuinely infinite divergence also gets here and passes. The loss is the same on every rank,
-    so all ranks take this path and its collective together.
+    Args:
+        loss: float32 ``[N]`` the loss of each flattened position. Only the positions of a non-finite
+            loss are looked at, which every invalid teacher row causes; a student NaN or a genuinely
+            infinite divergence also gets here and passes.
+        teacher_logits_at: flat position indices ``[n]`` -> this rank's teacher logits there,
+            ``[n, shard.num_valid]`` in any float dtype.
+        positions: the leading shape the flat positions index (named in the error).
+        subject, remedy: the error's wording: ``subject`` holds ``{position}``.
+
+    The loss is the same on every rank, so all ranks take this path and its collective together.
     """
     suspects = torch.nonzero(~torch.isfinite(loss)).squeeze(1)
-    local_lse = torch.cat([
-        torch.logsumexp(tempered_fp32(z_t[suspects[part], : shard.num_valid], temperature), dim=-1)
-        for part in row_slices(suspects.numel(), rows_per_chunk)
-    ])
+    local_lse = torch.full((suspects.numel(),), -torch.inf, dtype=torch.float32, device=loss.device)
+    if shard.num_valid:
+        for part in row_slices(suspects.numel(), rows_per_chunk):
+            local_lse[part] = torch.logsumexp(tempered_fp32(teacher_logits_at(suspects[part]), temperature), dim=-1)
     lse = shard.logsumexp(local_lse)  # NaN: a NaN logit; +inf: a +inf logit; -inf: only -inf
     invalid = torch.nonzero(~torch.isfinite(lse)).squeeze(1)
     if invalid.numel() == 0:
         return
     first = int(invalid[0])
     value = float(lse[first])
-    position = ", ".join(str(int(i)) for i in torch.unravel_index(suspects[first], leading_shape))
+    position = ", ".join(str(int(i)) for i in torch.unravel_index(suspects[first], positions))
     problem = (
         "has a NaN logit" if value != value
         else "has a +inf logit (or one that overflows float32 at this temperature)" if value > 0
         else "is -inf at every vocabulary id"
     )
-    raise ValueError(
-        f"teacher_logits[{position}] {problem}: each teacher position must be a distribution, with "
-        f"finite logits and -inf only for tokens of probability 0; check the teacher's forward pass "
-        f"(e.g. a float16 overflow) and mask banned tokens with -inf, not NaN or +inf"
-    )
+    raise ValueError(f"{subject.format(position=position)} {problem}: each teacher position must be a "
+                     f"distribution{remedy}")
 
 
 def generalized_jsd(
@@ -276,6 +316,9 @@ def generalized_jsd(
     )
     if validate and not bool(torch.isfinite(loss).all()):
         z_t = teacher_logits.detach().reshape(-1, shard.local_size)
-        _raise_on_invalid_teacher_rows(z_t, loss.detach().reshape(-1), shard, temperature, rows,
-                                       teacher_logits.shape[:-1])
+        raise_on_invalid_teacher_rows(
+            loss.detach().reshape(-1), lambda at: z_t[at, : shard.num_valid], shard, temperature, rows,
+            teacher_logits.shape[:-1], subject="teacher_logits[{position}]",
+            remedy=", with finite logits and -inf only for tokens of probability 0; check the teacher's forward "
+                   "pass (e.g. a float16 overflow) and mask banned tokens with -inf, not NaN or +inf")
     return loss

@@ -55,6 +55,7 @@ from typing import Optional
 import torch
 
 from megatron_mopd.losses.divergence import validate_beta, validate_temperature
+from megatron_mopd.losses.jsd import raise_on_invalid_teacher_rows
 from megatron_mopd.losses.linear_chunk_losses import (
     ChunkLoss,
     CrossEntropyChunks,
@@ -468,49 +469,12 @@ def linear_generalized_jsd(
     )
     loss = _run(layer, chunks, plan)
     if validate and not bool(torch.isfinite(loss).all()):
-        _raise_on_invalid_teacher_rows(loss.detach().reshape(-1), teacher_2d, teacher_w, shard, temperature,
-                                       plan.rows_per_chunk, layer.positions)
+        raise_on_invalid_teacher_rows(
+            loss.detach().reshape(-1), lambda at: torch.mm(teacher_2d[at], teacher_w.t()), shard, temperature,
+            plan.rows_per_chunk, layer.positions,
+            subject="the teacher's logits (teacher_hidden @ teacher_weight.T) at position [{position}]",
+            remedy="; check teacher_hidden and teacher_weight (e.g. a float16 overflow)")
     return loss
-
-
-def _raise_on_invalid_teacher_rows(
-    loss: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    shard: VocabShard,
-    temperature: float,
-    rows_per_chunk: int,
-    positions: torch.Size,
-) -> None:
-    """Raise ValueError naming the first position whose teacher logits are not a distribution.
-
-    Only the positions of a non-finite loss are looked at (their teacher logits recomputed); a student
-    NaN or a genuinely infinite divergence also gets here and passes. The loss is the same on every
-    rank, so all ranks run the same collectives.
-    """
-    suspects = torch.nonzero(~torch.isfinite(loss)).squeeze(1)
-    local_lse = torch.full((suspects.numel(),), -torch.inf, dtype=torch.float32, device=loss.device)
-    if shard.num_valid:
-        for part in row_slices(suspects.numel(), rows_per_chunk):
-            logits = torch.mm(teacher_hidden[suspects[part]], teacher_weight.t()).float()
-            local_lse[part] = torch.logsumexp(logits.div_(temperature), dim=-1)
-    lse = shard.logsumexp(local_lse)  # NaN: a NaN logit; +inf: a +inf logit; -inf: only -inf
-    invalid = torch.nonzero(~torch.isfinite(lse)).squeeze(1)
-    if invalid.numel() == 0:
-        return
-    first = int(invalid[0])
-    value = float(lse[first])
-    position = ", ".join(str(int(i)) for i in torch.unravel_index(suspects[first], positions))
-    problem = (
-        "has a NaN logit" if value != value
-        else "has a +inf logit (or one that overflows float32 at this temperature)" if value > 0
-        else "is -inf at every vocabulary id"
-    )
-    raise ValueError(
-        f"the teacher's logits (teacher_hidden @ teacher_weight.T) at position [{position}] {problem}: each "
-        f"teacher position must be a distribution; check teacher_hidden and teacher_weight (e.g. a float16 "
-        f"overflow)"
-    )
 
 
 def linear_cross_entropy(
