@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from megatron_mopd import kernels
-from megatron_mopd.losses import generalized_jsd, topk_generalized_jsd, vocab_parallel_token_logprobs
+from megatron_mopd.losses import (
+    generalized_jsd, linear_generalized_jsd, linear_topk_generalized_jsd, topk_generalized_jsd,
+    vocab_parallel_token_logprobs,
+)
 from megatron_mopd.parallel.chunking import local_logsumexp
 from megatron_mopd.parallel.vocab import VocabShard
 
@@ -40,8 +43,12 @@ def test_the_losses_on_cpu_never_load_a_kernel(monkeypatch: pytest.MonkeyPatch) 
     loss = topk_generalized_jsd(logits, top_logp, top_ids, temperature=0.7, vocab_size=36).sum()
     loss = loss + vocab_parallel_token_logprobs(logits, labels, temperature=0.7, vocab_size=36).sum()
     loss = loss + generalized_jsd(logits, torch.randn(2, 3, 40, generator=gen), vocab_size=36).sum()
+    hidden, weight = torch.randn(2, 3, 8, generator=gen).requires_grad_(True), torch.randn(40, 8, generator=gen)
+    loss = loss + linear_topk_generalized_jsd(hidden, weight, top_logp, top_ids, vocab_size=36).sum()
+    loss = loss + linear_generalized_jsd(hidden, weight, hidden.detach(), weight, vocab_size=36).sum()
     loss.backward()
     assert logits.grad is not None and bool(torch.isfinite(logits.grad).all())
+    assert hidden.grad is not None and bool(torch.isfinite(hidden.grad).all())
 
 
 def test_fused_gather_and_logsumexp_on_cpu_equal_the_two_separate_calls() -> None:

@@ -191,6 +191,11 @@ def softmax_gradient_matches_the_pytorch_path() -> None:
                 if out_dtype == in_dtype == torch.float32 and tau == 1.0:  # the default block sizes too
                     got = triton_softmax_gradient(z, lse, coef, ids, ids_grad, num_valid, tau, out_dtype)
                     assert_close(got, expected, what=what + " default blocks")
+                if out_dtype == in_dtype == torch.float32:  # in place over the logits, as the fused chunks do
+                    in_place = z.t().contiguous().t()  # position-major view of a vocabulary-major buffer
+                    triton_softmax_gradient(in_place, lse, coef, ids, ids_grad, num_valid, tau, out_dtype,
+                                            block_size=128, ids_block_size=ids_block, out=in_place)
+                    assert_close(in_place, expected, what=what + " in place, strided")
 
 
 def _jsd_inputs(num_cols: int, num_valid: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,6 +400,73 @@ def generalized_jsd_through_the_dispatch_matches_the_pytorch_path() -> None:
                     -1, local), vocab_size, beta, tau)[5].view(grad.shape) * (1.5 / tau)  # upstream weights <= 1.5
                 assert_close(loss, expected_loss, what=what + " loss")
                 assert_close(grad, expected_grad, magnitude=magnitude, what=what + " grad")
+
+
+@case
+def fused_output_layer_losses_through_the_dispatch_match_the_pytorch_path() -> None:
+    """The fused output-layer losses (linear_topk_generalized_jsd tail and renorm, linear_cross_entropy,
+    linear_generalized_jsd) with the dispatch switched to the kernels for CPU tensors — position-major
+    chunks, the epilogue kernels writing the gradient over the logits in place — against the PyTorch
+    path: loss, hidden and weight gradients (norm-wise relative 1e-5), with the gradients computed in
+    forward (a masked sum) and recomputed in backward (per-position weights)."""
+    import megatron_mopd.losses.jsd as jsd
+    import megatron_mopd.losses.linear as linear
+    import megatron_mopd.losses.linear_chunk_losses as chunk_losses
+    import megatron_mopd.parallel.chunking as chunking
+    from megatron_mopd.losses import linear_cross_entropy, linear_generalized_jsd, linear_topk_generalized_jsd
+
+    modules = (jsd, linear, chunk_losses, chunking)
+    originals = [module.use_triton for module in modules]
+    vocab_size, padded, hidden_size, positions = 150, 160, 12, (6, 2)
+    gen = torch.Generator().manual_seed(8)
+    hidden = torch.randn(*positions, hidden_size, generator=gen)
+    weight = torch.randn(padded, hidden_size, generator=gen) * 0.7
+    teacher_hidden = torch.randn(*positions, hidden_size, generator=gen)
+    teacher_weight = torch.randn(padded, hidden_size, generator=gen) * 0.7
+    teacher = torch.log_softmax((teacher_hidden @ teacher_weight.T)[..., :vocab_size], -1)
+    top_logp, top_ids = teacher.topk(5, dim=-1)
+    top_logp[1, 0, 3:] = -torch.inf
+    labels = torch.randint(0, vocab_size, positions, generator=gen)
+    labels[0, 1] = -100
+    mask = labels != -100
+    weights = torch.linspace(0.5, 1.5, mask.numel()).view(positions)
+
+    def losses(tau: float) -> dict[str, Callable[..., torch.Tensor]]:
+        common = dict(vocab_size=vocab_size, chunk_size=5, validate=False, loss_mask=mask)
+        return {
+            "topk_tail": lambda h, w, **o: linear_topk_generalized_jsd(h, w, top_logp, top_ids, beta=0.3,
+                                                                       temperature=tau, **common, **o),
+            "topk_renorm": lambda h, w, **o: linear_topk_generalized_jsd(h, w, top_logp, top_ids, tail="renorm",
+                                                                         temperature=tau, **common, **o),
+            "cross_entropy": lambda h, w, **o: linear_cross_entropy(h, w, labels, temperature=tau, **common, **o),
+            **{f"jsd beta={beta}": (lambda h, w, beta=beta, **o: linear_generalized_jsd(
+                h, w, teacher_hidden, teacher_weight, beta=beta, temperature=tau, **common, **o))
+               for beta in (0.0, 0.5, 1.0)},
+        }
+
+    def run(fn: Callable[..., torch.Tensor], recompute: bool) -> tuple[torch.Tensor, ...]:
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss = fn(h, w, gradient_in_forward=not recompute)
+        (loss * (weights if recompute else mask)).sum().backward()
+        return loss.detach(), h.grad, w.grad
+
+    def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+        return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+    for tau in TEMPERATURES:
+        for name, fn in losses(tau).items():
+            for recompute in (False, True):
+                expected = run(fn, recompute)
+                for module in modules:
+                    module.use_triton = lambda where: True
+                try:
+                    got = run(fn, recompute)
+                finally:
+                    for module, original in zip(modules, originals):
+                        module.use_triton = original
+                for part, a, e in zip(("loss", "hidden grad", "weight grad"), got, expected):
+                    error = rel_err(a, e)
+                    assert error <= 1e-5, f"{name} tau={tau} recompute={recompute} {part}: rel err {error:.2e}"
 
 
 def main() -> int:

@@ -12,6 +12,9 @@ pass in one read of the logits (and one write of the gradient), with the math in
 ``jsd.py``              the full-vocabulary generalized JSD's per-chunk epilogue: partial loss and Σg
                         per row, then the gradient ``(g − p_s · Σg) · scale``.
 
+The same kernels are the chunk epilogues of the fused output-layer losses (``losses/linear.py``): on
+CUDA their logits chunks are position-major and the gradient kernels write over them in place.
+
 Triton is optional (the ``kernels`` extra): nothing here imports it until a CUDA tensor asks for a
 kernel, so CPU and NPU runs never need it. ``use_triton(tensor)`` is the dispatch rule the callers
 use; ``MOPD_DISABLE_TRITON=1`` forces the PyTorch path on CUDA too. Every kernel is tested against
@@ -41,13 +44,14 @@ def triton_disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "0") == "1"
 
 
-def use_triton(tensor: torch.Tensor) -> bool:
-    """True when the passes over ``tensor`` should run the Triton kernels.
+def use_triton(where: torch.Tensor | torch.device) -> bool:
+    """True when the passes over a tensor (or on a device) should run the Triton kernels.
 
-    That is: ``tensor`` is on a CUDA device, Triton is installed, and ``MOPD_DISABLE_TRITON`` is not
-    ``1``. CPU and NPU tensors always take the PyTorch path (without even looking for Triton).
+    That is: it is on a CUDA device, Triton is installed, and ``MOPD_DISABLE_TRITON`` is not ``1``.
+    CPU and NPU tensors always take the PyTorch path (without even looking for Triton).
     """
-    return tensor.is_cuda and not triton_disabled() and triton_available()
+    on_cuda = where.type == "cuda" if isinstance(where, torch.device) else where.is_cuda
+    return on_cuda and not triton_disabled() and triton_available()
 
 
 __all__ = ["DISABLE_ENV", "triton_available", "triton_disabled", "use_triton"]

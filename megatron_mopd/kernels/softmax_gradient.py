@@ -9,6 +9,10 @@ for ``v < num_valid``, 0 for the padded columns (``parallel.chunking.softmax_gra
    ``p_v · dense_coef + ids_grad`` recomputed in float32 and rounded once. Repeated ids in a row are
    summed (``scatter_add`` semantics): only the first occurrence writes, with the sum of all of them.
    Ids are clamped to ``num_valid − 1`` as in the PyTorch path (entries not owned carry 0 there).
+
+In place (``out`` is the float32 logits themselves, as in the fused output layer's chunks): the dense
+kernel reads and writes each element in the same program, and the ids kernel then reads the dense
+kernel's float32 ``p_v · dense_coef`` back from ``out`` instead of recomputing it from the logits.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def _ids_softmax_gradient_kernel(
     num_valid,
     num_ids,
     inv_temperature,
+    DENSE_FROM_OUT: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -87,10 +92,13 @@ def _ids_softmax_gradient_kernel(
         total += tl.sum(tl.where(same, grad_j[None, :], 0.0), axis=1)
         earlier += tl.sum((same & (j[None, :] < k[:, None])).to(tl.int32), axis=1)
     writes = in_row & (earlier == 0)
-    x = tl.load(logits_ptr + row * stride_row + ids * stride_col, mask=writes, other=0.0).to(tl.float32)
-    grad = tl.exp(x * inv_temperature - tl.load(lse_ptr + row)) * tl.load(coef_ptr + row) + total
     out = out_ptr + row * stride_out_row + ids * stride_out_col
-    tl.store(out, grad.to(out_ptr.dtype.element_ty), mask=writes)
+    if DENSE_FROM_OUT:  # in place: the logits there are already p_v · dense_coef (float32)
+        dense = tl.load(out, mask=writes, other=0.0)
+    else:
+        x = tl.load(logits_ptr + row * stride_row + ids * stride_col, mask=writes, other=0.0).to(tl.float32)
+        dense = tl.exp(x * inv_temperature - tl.load(lse_ptr + row)) * tl.load(coef_ptr + row)
+    tl.store(out, (dense + total).to(out_ptr.dtype.element_ty), mask=writes)
 
 
 def triton_softmax_gradient(
@@ -103,6 +111,7 @@ def triton_softmax_gradient(
     temperature: float,
     dtype: torch.dtype,
     *,
+    out: Optional[torch.Tensor] = None,
     block_size: Optional[int] = None,
     ids_block_size: Optional[int] = None,
 ) -> torch.Tensor:
@@ -118,13 +127,22 @@ def triton_softmax_gradient(
         num_valid: columns ``>= num_valid`` (padding) get 0.
         temperature: τ > 0.
         dtype: the output's dtype; every element is computed in float32 and rounded once.
+        out: ``[N, V_local]`` of ``dtype`` (any strides) to write into instead of a new tensor; it may be
+            ``logits_2d`` itself when both are float32 (the gradient then replaces the logits).
         block_size: columns per program of the dense kernel (a power of two); None: a default.
         ids_block_size: entries per program of the ids kernel (a power of two); None: a default.
     Returns:
-        The gradient, a new contiguous ``[N, V_local]`` tensor.
+        The gradient: ``out``, or a new contiguous ``[N, V_local]`` tensor.
+    Raises:
+        ValueError: ``out`` is ``logits_2d`` (the same storage) but not float32, or has another shape or dtype.
     """
     num_rows, num_cols = logits_2d.shape
-    grad = torch.empty((num_rows, num_cols), dtype=dtype, device=logits_2d.device)
+    in_place = out is not None and out.data_ptr() == logits_2d.data_ptr()
+    if out is not None and (out.shape != logits_2d.shape or out.dtype != dtype or
+                            (in_place and (dtype != torch.float32 or out.stride() != logits_2d.stride()))):
+        raise ValueError(f"out must be a {tuple(logits_2d.shape)} {dtype} tensor, or the float32 logits themselves "
+                         f"(same strides) to write in place; got {tuple(out.shape)} {out.dtype}")
+    grad = torch.empty((num_rows, num_cols), dtype=dtype, device=logits_2d.device) if out is None else out
     if num_rows == 0 or num_cols == 0:
         return grad
     coef = dense_coef.reshape(num_rows).float().contiguous()
@@ -146,6 +164,6 @@ def triton_softmax_gradient(
         logits_2d, logits_2d.stride(0), logits_2d.stride(1), lse, coef,
         ids, ids.stride(0), ids_grad, ids_grad.stride(0),
         grad, grad.stride(0), grad.stride(1), num_valid, num_ids, inv_temperature,
-        BLOCK_K=block_k, num_warps=4,
+        DENSE_FROM_OUT=in_place, BLOCK_K=block_k, num_warps=4,
     )
     return grad

@@ -142,21 +142,47 @@ def _kernel_chunk(
     coef: float,
     grad_out: torch.Tensor,
 ) -> torch.Tensor:
-    """``_divergence_chunk`` by the Triton kernels (CUDA), on the chunk's whole ``[n, V_local]`` rows.
+    """``_divergence_chunk`` by the Triton kernels (CUDA), on the chunk's whole ``[n, V_local]`` rows:
+    the logits are read three times and nothing of the chunk's size is allocated."""
+    loss, lse, g_sum = kernel_jsd_sums(student, teacher, shard, beta, temperature)
+    kernel_jsd_gradient(student, teacher, shard, lse, g_sum, beta, temperature, coef, grad_out)
+    return loss
 
-    Each side's logsumexp kernel and one all-gather, the partial sums kernel and one all-reduce, then
-    the gradient kernel writing ``coef · (g − p_s · Σg)`` (0 in the padded columns) into ``grad_out``
-    in its dtype: the logits are read three times and nothing of the chunk's size is allocated.
+
+def kernel_jsd_sums(
+    student: torch.Tensor, teacher: torch.Tensor, shard: VocabShard, beta: float, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss [n], lse [2, n], Σg [n]) of ``[n, V_local]`` rows (any strides) by the Triton kernels.
+
+    Each side's logsumexp kernel and one all-gather (lse: the student's and the teacher's global
+    logsumexp of z/τ), then the partial sums kernel and one all-reduce.
     """
-    from megatron_mopd.kernels.jsd import triton_jsd_gradient, triton_jsd_loss_terms
+    from megatron_mopd.kernels.jsd import triton_jsd_loss_terms
 
     valid = shard.num_valid
     local_lse = torch.stack([local_logsumexp(side, valid, temperature, side.shape[0]) for side in (student, teacher)])
-    lse_s, lse_t = shard.logsumexp(local_lse) if shard.parallel else local_lse
-    partial_loss, g_sum = shard.all_reduce_(
-        torch.stack(triton_jsd_loss_terms(student, teacher, lse_s, lse_t, valid, beta, temperature)))
-    triton_jsd_gradient(student, teacher, lse_s, lse_t, g_sum, valid, beta, temperature, coef, grad_out)
-    return partial_loss
+    lse = shard.logsumexp(local_lse) if shard.parallel else local_lse
+    loss, g_sum = shard.all_reduce_(torch.stack(triton_jsd_loss_terms(student, teacher, lse[0], lse[1], valid, beta,
+                                                                      temperature)))
+    return loss, lse, g_sum
+
+
+def kernel_jsd_gradient(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    shard: VocabShard,
+    lse: torch.Tensor,
+    g_sum: torch.Tensor,
+    beta: float,
+    temperature: float,
+    coef: float,
+    out: torch.Tensor,
+) -> None:
+    """Write ``coef · (g − p_s · Σg)`` (0 in the padded columns) into ``out`` ``[n, V_local]`` in its
+    dtype, from ``kernel_jsd_sums``' lse and Σg; no collective. ``out`` may be ``student`` itself."""
+    from megatron_mopd.kernels.jsd import triton_jsd_gradient
+
+    triton_jsd_gradient(student, teacher, lse[0], lse[1], g_sum, shard.num_valid, beta, temperature, coef, out)
 
 
 def _mixture_chunk(

@@ -54,6 +54,7 @@ from typing import Optional
 
 import torch
 
+from megatron_mopd.kernels import use_triton
 from megatron_mopd.losses.divergence import validate_beta, validate_temperature
 from megatron_mopd.losses.jsd import raise_on_invalid_teacher_rows
 from megatron_mopd.losses.linear_chunk_losses import (
@@ -112,14 +113,23 @@ class _Plan:
 def _logits_into(buffer: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """float32 zt [V, n] = weight [V, H] @ hidden[n, H].T (the transposed logits), in ``buffer``'s storage.
 
-    The matmul runs in the inputs' dtype; its vocabulary-major result is what the chunk losses take.
+    The matmul runs in the inputs' dtype. Its layout is vocabulary-major (fastest on CPU) or, when the
+    Triton epilogues run (CUDA), position-major — zt is then the transposed view of [n, V] logits,
+    whose rows the kernels read contiguously; the chunk losses take either.
     """
-    zt = buffer[: weight.shape[0] * hidden.shape[0]].view(weight.shape[0], hidden.shape[0])
+    num_vocab, num_positions = weight.shape[0], hidden.shape[0]
+    position_major = use_triton(hidden)
+    storage = buffer[: num_vocab * num_positions]
+    zt = storage.view(num_positions, num_vocab).t() if position_major else storage.view(num_vocab, num_positions)
     if zt.numel() == 0:
         return zt
     if hidden.dtype == torch.float32:
-        return torch.mm(weight, hidden.t(), out=zt)
-    return zt.copy_(torch.mm(weight, hidden.t()))
+        if position_major:
+            torch.mm(hidden, weight.t(), out=zt.t())
+        else:
+            torch.mm(weight, hidden.t(), out=zt)
+        return zt
+    return zt.copy_(torch.mm(hidden, weight.t()).t() if position_major else torch.mm(weight, hidden.t()))
 
 
 def _accumulate_grads(

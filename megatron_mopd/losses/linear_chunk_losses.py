@@ -23,7 +23,13 @@ a gradient of exactly 0, which the caller writes. The math is the one of the log
 
 and each calls the divergence core of divergence.py. ``losses/linear.py`` drives them with the
 output layer's matmuls; a logits loss could drive them over float32 transposed copies of its chunks
-(``z[rows, :num_valid].t()``; any strides work, vocabulary-major ones are the fast ones).
+(``z[rows, :num_valid].t()``; any strides work, vocabulary-major ones are the fast ones on CPU).
+
+On CUDA with Triton (``kernels``) the chunk epilogues are the logits losses' kernels, run on the
+chunk's position-major view ``zt.t()`` (the driver then makes the chunks position-major): the
+logsumexp with the gather at the ids in one pass and the gradient written over the logits in place
+(top-K JSD, cross-entropy), the JSD's partial sums and gradient (full vocabulary). ``zt`` then keeps
+the logits until the gradient replaces them, and the saved statistics are the global logsumexps.
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ from megatron_mopd.losses.divergence import (
     generalized_jsd_terms,
     log_ratios_to_mixture_,
 )
+from megatron_mopd.kernels import use_triton
+from megatron_mopd.losses.jsd import kernel_jsd_gradient, kernel_jsd_sums
 from megatron_mopd.losses.topk import topk_support_terms
-from megatron_mopd.parallel.chunking import row_slices
+from megatron_mopd.parallel.chunking import local_logsumexp_and_gather, row_slices
 from megatron_mopd.parallel.vocab import VocabShard
 
 
@@ -127,10 +135,12 @@ class _SoftmaxShapedGradient(ChunkLoss):
 
     Saved per position for ``grad_chunk``: the local maximum m and the global logsumexp (p is
     e · exp(m/τ − lse) with e = exp((z − m)/τ), in forward and in ``grad_chunk`` alike), dense_coef
-    and the ids' coefficients.
+    and the ids' coefficients. With the kernels (``kernels``) zt keeps the logits and p is computed
+    from them and the logsumexp alone.
     """
 
     temperature: float
+    kernels: bool  # CUDA with Triton: the Triton epilogues on zt.t()
     local_ids: torch.Tensor  # [N, K] local columns, clamped
     owned: torch.Tensor  # [N, K]
     shift: torch.Tensor  # [N] the local maximum m
@@ -138,21 +148,38 @@ class _SoftmaxShapedGradient(ChunkLoss):
     dense_coef: torch.Tensor  # [N]
     ids_coef: torch.Tensor  # [N, K]
 
-    def _save_softmax(self, rows: slice, zt: torch.Tensor) -> torch.Tensor:
-        """zt ← e (in place); save m and the global logsumexp of the rows; return the logsumexp."""
+    def _gather_and_softmax(self, rows: slice, zt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the raw logits at the ids [n, K], replicated; the global logsumexp of z/τ [n]), saved for
+        ``grad_chunk``; without the kernels zt ← e in place (m saved too)."""
+        local_ids, owned = self.local_ids[rows], self.owned[rows]
+        if self.kernels:
+            local_lse, values = local_logsumexp_and_gather(zt.t(), self.shard.num_valid, self.temperature,
+                                                           zt.shape[1], local_ids, owned)
+            self.lse[rows] = lse = self.shard.logsumexp(local_lse)
+            return self.shard.all_reduce_(values), lse
+        at_ids = _gather_owned(self.shard, zt, local_ids, owned)
         shift, lse = _softmax_numerator_(self.shard, zt, self.temperature)
         self.shift[rows], self.lse[rows] = shift, lse
-        return lse
+        return at_ids, lse
 
-    def _grad_from_numerator_(self, rows: slice, zt: torch.Tensor) -> None:
-        """zt (= e) ← p · dense_coef, plus the ids' coefficients at the owned ids."""
+    def _write_gradient_(self, rows: slice, zt: torch.Tensor) -> None:
+        """zt ← p · dense_coef, plus the ids' coefficients at the owned ids; zt holds e (the logits
+        with the kernels)."""
+        if self.kernels:
+            from megatron_mopd.kernels.softmax_gradient import triton_softmax_gradient
+
+            ids_coef = torch.where(self.owned[rows], self.ids_coef[rows], 0.0)
+            triton_softmax_gradient(zt.t(), self.lse[rows], self.dense_coef[rows], self.local_ids[rows], ids_coef,
+                                    self.shard.num_valid, self.temperature, torch.float32, out=zt.t())
+            return
         scale = (self.shift[rows] / self.temperature - self.lse[rows]).exp_().mul_(self.dense_coef[rows])
         zt.mul_(scale)
         _scatter_add_owned(zt, self.local_ids[rows], self.owned[rows], self.ids_coef[rows])
 
     def grad_chunk(self, rows: slice, zt: torch.Tensor) -> None:
-        _exp_shifted_(zt, self.shift[rows], self.temperature)
-        self._grad_from_numerator_(rows, zt)
+        if not self.kernels:
+            _exp_shifted_(zt, self.shift[rows], self.temperature)
+        self._write_gradient_(rows, zt)
 
 
 class TopKJSDChunks(_SoftmaxShapedGradient):
@@ -181,6 +208,7 @@ class TopKJSDChunks(_SoftmaxShapedGradient):
         self.present = present
         self.local_ids, self.owned = _owned_columns(shard, teacher_ids.long(), present)
         self.beta, self.temperature, self.tail, self.loss_scale = beta, temperature, tail, loss_scale
+        self.kernels = tail and use_triton(teacher_ids)
         num_rows, device = teacher_ids.shape[0], teacher_ids.device
         self.shift, self.lse, self.dense_coef = (
             torch.empty(num_rows, dtype=torch.float32, device=device) for _ in range(3)
@@ -188,10 +216,12 @@ class TopKJSDChunks(_SoftmaxShapedGradient):
         self.ids_coef = torch.empty(teacher_ids.shape, dtype=torch.float32, device=device)
 
     def forward_chunk(self, rows: slice, zt: torch.Tensor, want_grad: bool) -> torch.Tensor:
-        at_ids = _gather_owned(self.shard, zt, self.local_ids[rows], self.owned[rows]).div_(self.temperature)
-        lse = self._save_softmax(rows, zt) if self.tail else None
+        if self.tail:
+            at_ids, lse = self._gather_and_softmax(rows, zt)
+        else:
+            at_ids, lse = _gather_owned(self.shard, zt, self.local_ids[rows], self.owned[rows]), None
         loss, dense_coef, ids_coef = topk_support_terms(
-            at_ids, lse, self.teacher_logprobs[rows], self.present[rows],
+            at_ids.div_(self.temperature), lse, self.teacher_logprobs[rows], self.present[rows],
             beta=self.beta, temperature=self.temperature, tail=self.tail, loss_scale=self.loss_scale,
         )
         self.ids_coef[rows] = ids_coef
@@ -199,7 +229,7 @@ class TopKJSDChunks(_SoftmaxShapedGradient):
             self.dense_coef[rows] = dense_coef
         if want_grad:
             if self.tail:
-                self._grad_from_numerator_(rows, zt)
+                self._write_gradient_(rows, zt)
             else:
                 self.grad_chunk(rows, zt)
         return loss
@@ -224,6 +254,7 @@ class CrossEntropyChunks(_SoftmaxShapedGradient):
         """``labels`` int [N] global ids, negative = skipped."""
         self.shard = shard
         self.temperature = temperature
+        self.kernels = use_triton(labels)
         present = labels[:, None] >= 0
         self.kept = present.squeeze(-1)
         self.zero_grad_rows = ~self.kept
@@ -234,11 +265,10 @@ class CrossEntropyChunks(_SoftmaxShapedGradient):
         self.ids_coef = torch.where(present, -1.0 / temperature, 0.0)
 
     def forward_chunk(self, rows: slice, zt: torch.Tensor, want_grad: bool) -> torch.Tensor:
-        at_label = _gather_owned(self.shard, zt, self.local_ids[rows], self.owned[rows]).squeeze(-1)
-        lse = self._save_softmax(rows, zt)
-        loss = torch.where(self.kept[rows], lse - at_label.div_(self.temperature), 0.0)
+        at_label, lse = self._gather_and_softmax(rows, zt)
+        loss = torch.where(self.kept[rows], lse - at_label.squeeze(-1).div_(self.temperature), 0.0)
         if want_grad:
-            self._grad_from_numerator_(rows, zt)
+            self._write_gradient_(rows, zt)
         return loss
 
 
@@ -337,7 +367,9 @@ class GeneralizedJSDChunks(ChunkLoss):
         sums = (Σ_v p_t (t − m), R = Σ_v p_s r),   loss = β · Σ_v p_t (t − m) − (1 − β) · R
         ∂loss/∂z_s = (β − 1) / τ · p_s · (r − R)
 
-    Saved per position: both sides' max and logsumexp − max, and G (or R).
+    Saved per position: both sides' max and logsumexp − max, and G (or R). With the kernels: both
+    sides' logsumexp (max 0) and G, from jsd.py's ``kernel_jsd_sums``; the gradient by
+    ``kernel_jsd_gradient`` over the student's chunk.
     """
 
     def __init__(
@@ -355,7 +387,8 @@ class GeneralizedJSDChunks(ChunkLoss):
         self.shard = shard
         self.teacher_logits = teacher_logits
         self.beta, self.temperature, self.loss_scale = beta, temperature, loss_scale
-        self.mixture = 0.0 < beta < 1.0 and not fused
+        self.kernels = use_triton(device)
+        self.mixture = 0.0 < beta < 1.0 and not fused and not self.kernels
         self.terms = fused_generalized_jsd_terms() if fused else generalized_jsd_terms
         # Per side (student, teacher) and position: the global max M and logsumexp − M of z/τ.
         self.shift = torch.empty((2, 2, num_rows), dtype=torch.float32, device=device)
@@ -395,6 +428,12 @@ class GeneralizedJSDChunks(ChunkLoss):
 
     def forward_chunk(self, rows: slice, zt: torch.Tensor, want_grad: bool) -> torch.Tensor:
         zt_t = self.teacher_logits(rows)
+        if self.kernels:
+            loss, lse, self.row_sum[rows] = kernel_jsd_sums(zt.t(), zt_t.t(), self.shard, self.beta, self.temperature)
+            self.shift[:, 0, rows], self.shift[:, 1, rows] = 0.0, lse
+            if want_grad:
+                self._kernel_gradient(rows, zt, zt_t)
+            return loss.mul_(self.loss_scale)
         self.shift[:, :, rows] = _global_max_and_offset(self.shard, (zt, zt_t), self.temperature, self._block(zt))
         sums = torch.zeros((2, zt.shape[1]), dtype=torch.float32, device=zt.device)
         self._divergence_pass(rows, zt, zt_t, sums)
@@ -405,7 +444,14 @@ class GeneralizedJSDChunks(ChunkLoss):
         loss = sums[0].mul_(self.beta).sub_(sums[1], alpha=1.0 - self.beta) if self.mixture else sums[0]
         return loss.mul_(self.loss_scale)
 
+    def _kernel_gradient(self, rows: slice, zt: torch.Tensor, zt_t: torch.Tensor) -> None:
+        kernel_jsd_gradient(zt.t(), zt_t.t(), self.shard, self.shift[:, 1, rows], self.row_sum[rows], self.beta,
+                            self.temperature, self.loss_scale / self.temperature, zt.t())
+
     def grad_chunk(self, rows: slice, zt: torch.Tensor) -> None:
         zt_t = self.teacher_logits(rows)
+        if self.kernels:
+            self._kernel_gradient(rows, zt, zt_t)
+            return
         self._divergence_pass(rows, zt, zt_t, torch.zeros((2, zt.shape[1]), dtype=torch.float32, device=zt.device))
         self._gradient_pass(rows, zt, zt_t)
