@@ -41,23 +41,15 @@ given against one).
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import os
-import platform
 import re
 import statistics
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
+from bench_common import finish, init_megatron_tp1, machine, measure_own_peak, memory_figures, peak_memory, time_variants
 
-import megatron_mopd
 from megatron_mopd.losses import (
     generalized_jsd,
     linear_cross_entropy,
@@ -88,6 +80,10 @@ class Problem:
     labels: torch.Tensor  # [tokens]
     teacher_logprobs: torch.Tensor  # [tokens, K]
     teacher_ids: torch.Tensor  # [tokens, K]
+
+    def leaves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh leaves of the two inputs a variant differentiates: the hidden states and the weight."""
+        return self.hidden.detach().requires_grad_(True), self.weight.detach().requires_grad_(True)
 
 
 def make_problem(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Problem:
@@ -170,109 +166,24 @@ def liger_jsd(beta: float) -> Callable[..., torch.Tensor] | str:
     return LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, compiled=False)
 
 
-def leaves(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    return p.hidden.detach().requires_grad_(True), p.weight.detach().requires_grad_(True)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_variants(variants: dict[str, Variant], p: Problem, repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Forward+backward wall time of each variant, interleaved round-robin (one warm-up round)."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for round_index in range(repeats + 1):
-        for name, loss_fn in variants.items():
-            hidden, weight = leaves(p)
-            synchronize(device)
-            start = time.perf_counter()
-            loss_fn(hidden, weight).backward()
-            synchronize(device)
-            if round_index > 0:
-                times[name].append(time.perf_counter() - start)
-            del hidden, weight
-    return times
-
-
-def peak_memory(name: str, loss_fn: Variant, p: Problem, device: torch.device) -> int:
-    """Peak bytes allocated during one forward+backward beyond the inputs (bench_losses.py's method).
-
-    CUDA: the caching allocator's peak statistics. CPU: the peak resident memory (VmHWM, reset through
-    /proc/self/clear_refs) of a fresh child process whose glibc returns every large free at once.
-    """
-    if device.type == "cuda":
-        hidden, weight = leaves(p)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        loss_fn(hidden, weight).backward()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    # The child imports the megatron_mopd this process measures, whatever an installed copy points to.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(megatron_mopd.__file__).parents[1]),
-                                                     env.get("PYTHONPATH")]))
-    child = subprocess.run(
-        [sys.executable, __file__, *sys.argv[1:], "--measure-memory-of", name],
-        env=env, capture_output=True, text=True, check=False,
-    )
-    if child.returncode != 0:
-        raise RuntimeError(f"memory measurement of {name} failed:\n{child.stderr[-4000:]}")
-    return int(child.stdout.strip().splitlines()[-1])
-
-
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M).group(1))
-
-
-def measure_own_peak(loss_fn: Variant, p: Problem) -> int:
-    """In the child: warm up once, reset the peak, run once; peak resident bytes beyond the start."""
-    loss_fn(*leaves(p)).backward()
-    gc.collect()
-    hidden, weight = leaves(p)
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset VmHWM to the current resident size
-    base = _proc_status_kib("VmRSS")
-    loss_fn(hidden, weight).backward()
-    return (_proc_status_kib("VmHWM") - base) * 1024
-
-
-def init_megatron_tp1(device: torch.device, cpu_mode: bool) -> None:
-    """Megatron's cross-entropy reads the TP group from parallel_state: initialize TP=1 (and, in the
-    timing process on CPU, megatron_mopd's CPU mode with its allocator setting, for every variant)."""
-    from megatron.core import parallel_state
-
-    from megatron_mopd.parallel import enable_cpu_mode
-
-    if cpu_mode:
-        enable_cpu_mode()
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
-
-
 def measure(args: argparse.Namespace, device: torch.device) -> list[dict]:
     p = make_problem(args, device, DTYPES[args.dtype])
     variants = build_variants(args, p)
     if args.measure_memory_of:
-        print(measure_own_peak(variants[args.measure_memory_of], p))
+        print(measure_own_peak(variants[args.measure_memory_of], p.leaves))
         return []
-    times = time_variants(variants, p, args.repeats, device)
-    fp32_logits = args.tokens * args.local_vocab * 4
+    times = time_variants(variants, p.leaves, args.repeats, device)
     grad_bytes = sum(x.numel() * x.element_size() for x in (p.hidden, p.weight))
     baseline = statistics.median(times[BASELINE]) if BASELINE in times else float("nan")
     rows = []
     for name, loss_fn in variants.items():
-        peak = peak_memory(name, loss_fn, p, device)
+        peak = peak_memory(name, loss_fn, p.leaves, device)
         median = statistics.median(times[name])
         rows.append(dict(
             variant=name,
             time_ms=median * 1e3,
             time_vs_baseline=median / baseline,
-            peak_mib=peak / 2**20,
-            peak_x_fp32_logits=peak / fp32_logits,
-            workspace_x_fp32_logits=(peak - grad_bytes) / fp32_logits,
+            **memory_figures(args, peak, grad_bytes),
         ))
     return rows
 
@@ -326,7 +237,7 @@ def main() -> None:
     header = f"{'variant':<26}{'time ms':>10}{'x base':>8}{'peak MiB':>11}{'peak x fp32':>13}{'workspace x fp32':>18}"
     print(
         f"\nbench_linear_losses: {args.tokens} tokens, H={args.hidden}, V_local={args.local_vocab}, K={args.k}, "
-        f"beta={args.beta}, {args.dtype} on {device.type} ({_machine(device)}), median of {args.repeats}; "
+        f"beta={args.beta}, {args.dtype} on {device.type} ({machine(device)}), median of {args.repeats}; "
         f"base = {BASELINE}"
     )
     print(header)
@@ -334,23 +245,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['variant']:<26}{r['time_ms']:>10.1f}{r['time_vs_baseline']:>8.2f}{r['peak_mib']:>11.1f}"
               f"{r['peak_x_fp32_logits']:>13.3f}{r['workspace_x_fp32_logits']:>18.3f}")
-    verdicts = evaluate_targets(rows)
-    if verdicts:
-        print("\ntargets:")
-        for v in verdicts:
-            print(f"  {'met    ' if v['met'] else 'NOT met'}  {v['target']}: measured {v['measured']:.3f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.write_text(json.dumps(dict(config=config, machine=_machine(device), rows=rows, targets=verdicts), indent=2))
-    print(f"\nwrote {args.out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    finish(args, device, rows, evaluate_targets(rows), "targets:",
+           lambda v: f"  {'met    ' if v['met'] else 'NOT met'}  {v['target']}: measured {v['measured']:.3f}")
 
 
 if __name__ == "__main__":

@@ -42,21 +42,15 @@ TRL's generalized_jsd_loss on fp32 logits.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import math
-import os
-import platform
 import re
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
+from bench_common import finish, init_megatron_tp1, machine, measure_own_peak, memory_figures, peak_memory, time_variants
 from tqdm import tqdm
 
 from megatron_mopd.crosstok import VocabProjection
@@ -169,89 +163,6 @@ def cross_tokenizer_variants(args: argparse.Namespace, device: torch.device) -> 
     }
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_variants(
-    variants: dict[str, Variant], student: torch.Tensor, repeats: int, device: torch.device
-) -> dict[str, list[float]]:
-    """Forward+backward wall time of each variant, interleaved round-robin (one warm-up round)."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for round_index in range(repeats + 1):
-        for name, loss_fn in variants.items():
-            leaf = student.detach().requires_grad_(True)
-            synchronize(device)
-            start = time.perf_counter()
-            loss_fn(leaf).backward()
-            synchronize(device)
-            if round_index > 0:
-                times[name].append(time.perf_counter() - start)
-            del leaf
-    return times
-
-
-def peak_memory(name: str, loss_fn: Variant, student: torch.Tensor, device: torch.device, dtype_name: str) -> int:
-    """Peak bytes allocated during one forward+backward beyond the inputs.
-
-    CUDA: the caching allocator's peak statistics. CPU: the process's peak resident memory (VmHWM,
-    reset through /proc/self/clear_refs) in a fresh child process whose glibc returns every large
-    free to the system at once (fixed mmap threshold), so the figure is what the run really held.
-    """
-    if device.type == "cuda":
-        leaf = student.detach().requires_grad_(True)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        loss_fn(leaf).backward()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    child = subprocess.run(
-        [sys.executable, __file__, *sys.argv[1:], "--measure-memory-of", name, "--dtype", dtype_name],
-        env=env, capture_output=True, text=True, check=False,
-    )
-    if child.returncode != 0:
-        raise RuntimeError(f"memory measurement of {name} failed:\n{child.stderr[-4000:]}")
-    return int(child.stdout.strip().splitlines()[-1])
-
-
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.M).group(1))
-
-
-def measure_own_peak(loss_fn: Variant, student: torch.Tensor) -> int:
-    """In the child: warm up once, reset the peak, run once; peak resident bytes beyond the start."""
-    loss_fn(student.detach().requires_grad_(True)).backward()
-    gc.collect()
-    leaf = student.detach().requires_grad_(True)
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset VmHWM to the current resident size
-    base = _proc_status_kib("VmRSS")
-    loss_fn(leaf).backward()
-    return (_proc_status_kib("VmHWM") - base) * 1024
-
-
-def init_megatron_tp1(device: torch.device, cpu_mode: bool) -> None:
-    """Megatron's cross-entropy reads the TP group from parallel_state: initialize TP=1.
-
-    ``cpu_mode`` (the timing process on CPU) also enables megatron_mopd's CPU mode, whose allocator
-    setting applies to every variant alike; the memory-measuring child leaves glibc returning each
-    large free at once, so its high-water mark is what the variant really held.
-    """
-    from megatron.core import parallel_state
-
-    from megatron_mopd.parallel import enable_cpu_mode
-
-    if cpu_mode:
-        enable_cpu_mode()
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
-
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (what, dtypes, variant, baseline, bound): time(variant) / time(baseline) <= bound, or, for "faster
 # than", time(baseline) / time(variant) >= bound. TRL's loss is compared on fp32 logits, where it
@@ -270,16 +181,19 @@ def measure_dtype(args: argparse.Namespace, dtype_name: str, device: torch.devic
     student = (torch.randn(args.tokens, args.local_vocab, generator=gen) * 2).to(device, dtype)
     teacher = (torch.randn(args.tokens, args.local_vocab, generator=gen) * 2).to(device, dtype)
     variants = build_variants(args, teacher, device)
+
+    def leaves() -> tuple[torch.Tensor]:
+        return (student.detach().requires_grad_(True),)
+
     if args.measure_memory_of:
-        print(measure_own_peak(variants[args.measure_memory_of], student))
+        print(measure_own_peak(variants[args.measure_memory_of], leaves))
         return []
-    times = time_variants(variants, student, args.repeats, device)
-    fp32_logits = args.tokens * args.local_vocab * 4
+    times = time_variants(variants, leaves, args.repeats, device)
     grad_bytes = student.numel() * student.element_size()
     baseline = statistics.median(times["megatron_ce"]) if "megatron_ce" in times else math.nan
     rows = []
     for name, loss_fn in tqdm(variants.items(), desc=f"peak memory ({dtype_name})", disable=None):
-        peak = peak_memory(name, loss_fn, student, device, dtype_name)
+        peak = peak_memory(name, loss_fn, leaves, device, "--dtype", dtype_name)
         median = statistics.median(times[name])
         rows.append(
             dict(
@@ -287,9 +201,7 @@ def measure_dtype(args: argparse.Namespace, dtype_name: str, device: torch.devic
                 variant=name,
                 time_ms=median * 1e3,
                 time_vs_ce=median / baseline,
-                peak_mib=peak / 2**20,
-                peak_x_fp32_logits=peak / fp32_logits,
-                workspace_x_fp32_logits=(peak - grad_bytes) / fp32_logits,
+                **memory_figures(args, peak, grad_bytes),
             )
         )
     return rows
@@ -299,7 +211,7 @@ def print_table(args: argparse.Namespace, dtype_name: str, rows: list[dict], dev
     header = f"{'variant':<22}{'time ms':>10}{'x CE':>8}{'peak MiB':>11}{'peak x fp32':>13}{'workspace x fp32':>18}"
     print(
         f"\nbench_losses: {args.tokens} tokens x {args.local_vocab} local vocab, K={args.k}, beta={args.beta}, "
-        f"{dtype_name} logits on {device.type} ({_machine(device)}), median of {args.repeats}"
+        f"{dtype_name} logits on {device.type} ({machine(device)}), median of {args.repeats}"
     )
     print(header)
     print("-" * len(header))
@@ -364,25 +276,11 @@ def main() -> None:
             f"built in {projection_build['build_s']:.1f} s, loaded in {projection_build['load_s'] * 1e3:.0f} ms, "
             f"rows {projection_build['stats']}"
         )
-    verdicts = evaluate_targets(rows)
-    if verdicts:
-        print("\ntargets")
-        for v in verdicts:
-            print(f"  {v['dtype']:<5} {v['target']:<34} measured {v['measured']:6.2f}   {'met' if v['met'] else 'NOT met'}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    report = dict(config=config, machine=_machine(device), rows=rows, targets=verdicts,
-                  projection_build=projection_build)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    finish(
+        args, device, rows, evaluate_targets(rows), "targets",
+        lambda v: f"  {v['dtype']:<5} {v['target']:<34} measured {v['measured']:6.2f}   {'met' if v['met'] else 'NOT met'}",
+        projection_build=projection_build,
+    )
 
 
 if __name__ == "__main__":
