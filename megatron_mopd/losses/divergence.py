@@ -100,14 +100,14 @@ def log_ratios_to_mixture_(
     weight zeroes its term (a ratio of ±inf would give 0·∞ = NaN). A NaN input still propagates,
     through its weight e^s or e^t.
     """
-    l = torch.abs(d, out=workspace).neg_().expm1_()
+    log_weight = torch.abs(d, out=workspace).neg_().expm1_()
     if beta == 0.5:
-        l.mul_(0.5)
+        log_weight.mul_(0.5)
     else:
-        l.mul_(0.5).addcmul_(l, torch.sign(d), value=1.0 - 2.0 * beta)
-    l.log1p_()
-    m_minus_s = torch.clamp_min(d, 0.0).add_(l)
-    return m_minus_s, d.clamp_max_(0.0).sub_(l)
+        log_weight.mul_(0.5).addcmul_(log_weight, torch.sign(d), value=1.0 - 2.0 * beta)
+    log_weight.log1p_()
+    m_minus_s = torch.clamp_min(d, 0.0).add_(log_weight)
+    return m_minus_s, d.clamp_max_(0.0).sub_(log_weight)
 
 
 @functools.cache

@@ -61,8 +61,7 @@ class Platform:
 def _npu_available() -> bool:
     if importlib.util.find_spec("torch_npu") is None:
         return False
-    import torch_npu  # registers torch.npu
-
+    importlib.import_module("torch_npu")  # registers torch.npu
     return torch.npu.is_available()
 
 
@@ -99,7 +98,7 @@ def _import_mindspeed_adaptor() -> None:
             "Megatron-Core was imported before mindspeed.megatron_adaptor; on NPU put "
             "`import mindspeed.megatron_adaptor` right after `import torch` in the entry point"
         )
-    import mindspeed.megatron_adaptor  # patches Megatron-Core at import
+    importlib.import_module("mindspeed.megatron_adaptor")  # patches Megatron-Core at import
 
 
 def initialize_parallel(
@@ -153,8 +152,7 @@ def initialize_parallel(
     platform = select_platform(device)
     if platform.device_type == "npu":
         _import_mindspeed_adaptor()
-        import torch_npu  # registers torch.npu
-
+        importlib.import_module("torch_npu")  # registers torch.npu
         torch.npu.set_device(platform.device)
     elif platform.device_type == "cuda":
         torch.cuda.set_device(platform.device)

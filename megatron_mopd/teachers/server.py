@@ -48,8 +48,11 @@ under the lock: a request runs wholly on the old or wholly on the new weights. T
 have the served vocabulary size.
 
 One lock serializes the model; parsing, the response bodies and ``--delay-ms`` (latency added to each
-scoring/generation request, before it takes the lock) run concurrently on a ``ThreadingHTTPServer``.
-Requests asking for more than ``--max-logprobs`` top log-probabilities (both protocols) get 400.
+scoring/generation request, before it takes the lock) run concurrently on a ``ThreadingHTTPServer``
+with a listen backlog of ``LISTEN_BACKLOG`` (bursts of hundreds of concurrent requests queue, none is
+reset). Requests asking for more than ``--max-logprobs`` top log-probabilities, or more than the
+vocabulary, get 400 (both protocols), as do requests whose response would exceed ``--max-response-mb``
+(refused before the model runs when the log-probabilities alone would, else once rendered).
 """
 
 from __future__ import annotations
@@ -82,6 +85,11 @@ _ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAll
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")  # vLLM's --logprobs-mode values served here
 _RELOAD_METHOD = "reload_weights"
 _BODILESS = frozenset({"/reset_prefix_cache"})  # POST endpoints vLLM calls without a body
+LISTEN_BACKLOG = 1024  # pending connections the socket queues (the kernel caps it at net.core.somaxconn)
+DEFAULT_MAX_RESPONSE_MB = 256.0
+# Bytes of JSON per scored entry at the least (vLLM: {"id": {"logprob": x, "rank": r, "decoded_token": t}}):
+# a request whose entries alone would pass the response cap is refused before the model runs.
+_MIN_ENTRY_BYTES = 40
 # Options whose other values would change the result; refused unless absent, null or one of these.
 _NEUTRAL = {
     "n": (1,), "best_of": (1,), "stream": (False,), "echo": (False,), "suffix": (), "min_p": (0,),
@@ -241,9 +249,12 @@ class TeacherServer:
         dtype: str = "float32",
         device: str = "cpu",
         logprobs_mode: str = "raw_logprobs",
+        max_response_mb: float = DEFAULT_MAX_RESPONSE_MB,
     ) -> None:
         if max_logprobs < 0 or delay_ms < 0:
             raise ValueError(f"max_logprobs ({max_logprobs}) and delay_ms ({delay_ms}) must be ≥ 0")
+        if not max_response_mb > 0:
+            raise ValueError(f"max_response_mb must be > 0, got {max_response_mb}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         if logprobs_mode not in LOGPROBS_MODES:
@@ -254,6 +265,7 @@ class TeacherServer:
         self.max_logprobs = max_logprobs
         self.delay_s = delay_ms / 1000
         self.logprobs_mode = logprobs_mode
+        self.max_response_bytes = int(max_response_mb * 2**20)
         self._model_dir = str(model_dir)
         self._dtype = _DTYPES[dtype]
         self._device = torch.device(device)
@@ -279,7 +291,7 @@ class TeacherServer:
         }
         self._lock = threading.Lock()  # the model
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer may fail when used by two threads at once
-        self._http = ThreadingHTTPServer((host, port), _Handler)
+        self._http = _HTTPServer((host, port), _Handler)
         self._http.daemon_threads = True
         self._http.teacher = self  # type: ignore[attr-defined]
         self._thread: Optional[threading.Thread] = None
@@ -348,7 +360,10 @@ class TeacherServer:
                     raise RequestError(f"the request body must be a JSON object, got {type(request).__name__}")
                 time.sleep(self.delay_s)
             payload, summary = route(request)
-            return 200, b"" if payload is None else orjson.dumps(payload), summary
+            response = b"" if payload is None else orjson.dumps(payload)
+            if len(response) > self.max_response_bytes:
+                raise RequestError(self._too_large(f"is {len(response) / 2**20:.2f} MB"))
+            return 200, response, summary
         except RequestError as error:
             if error.body is not None:
                 return error.status, orjson.dumps(error.body), str(error)
@@ -483,7 +498,17 @@ class TeacherServer:
                 raise RequestError(f"'{key}' must be ≥ 0, got {k}")
             raise RequestError(f"Requested {kind} logprobs of {k}, which is greater than max allowed: "
                                f"{self.max_logprobs}")
+        self._check_k_fits_vocabulary(key, k)
         return k
+
+    def _check_k_fits_vocabulary(self, key: str, k: Optional[int]) -> None:
+        """A K above the vocabulary (possible with a large ``--max-logprobs``) is the request's fault: 400."""
+        if k is not None and k > self.vocab_size:
+            raise RequestError(f"'{key}' of {k} is more than the model's vocabulary of {self.vocab_size} tokens")
+
+    def _too_large(self, size: str) -> str:
+        return (f"the response {size}, over this server's --max-response-mb "
+                f"{self.max_response_bytes / 2**20:g}: send fewer or shorter sequences per request, or a smaller K")
 
     def _vllm_prompt_logprobs(self, prompt: list[int], rows: _Rows) -> list[Optional[dict]]:
         """One dict per prompt token after the first: the actual token (its true rank) then the top K."""
@@ -513,6 +538,7 @@ class TeacherServer:
         if not 0 <= k <= self.max_logprobs:
             raise RequestError(f"'top_logprobs_num' must be between 0 and the server's max logprobs "
                                f"{self.max_logprobs}, got {k}")
+        self._check_k_fits_vocabulary("top_logprobs_num", k)
         if start < -1:
             raise RequestError(f"'logprob_start_len' must be ≥ -1, got {start}")
         with_text = _option(body, "return_text_in_logprobs", False, "bool")
@@ -589,6 +615,12 @@ class TeacherServer:
                                f"{sampling.top_k}")
         if sampling.seed is not None and not -2**63 <= sampling.seed < 2**64:
             raise RequestError(f"the seed must be in [-2**63, 2**64), got {sampling.seed}")
+        entries = 0 if k is None else sum(len(p) - 1 for p in prompts) * (k + 1)
+        if sampling.output_k is not None:
+            entries += len(prompts) * sampling.max_new * (sampling.output_k + 1)
+        if entries * _MIN_ENTRY_BYTES > self.max_response_bytes:
+            raise RequestError(self._too_large(f"would hold {entries} log-probabilities (at least "
+                                               f"{entries * _MIN_ENTRY_BYTES / 2**20:.2f} MB)"))
         longest = max(map(len, prompts))
         if self.max_model_len is not None and longest + sampling.max_new > self.max_model_len:
             raise RequestError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
@@ -695,6 +727,14 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    """A thread per connection, and a listen backlog for bursts: socketserver's default of 5 pending
+    connections resets the rest of a burst of concurrent requests (a trainer's fetching ranks, a fleet
+    probe) before a thread can accept them."""
+
+    request_queue_size = LISTEN_BACKLOG
+
+
 class _Handler(BaseHTTPRequestHandler):
     """HTTP/1.1 (keep-alive) front of ``TeacherServer.handle``; one INFO log line per request."""
 
@@ -757,6 +797,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="(default float32)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default cpu)")
     parser.add_argument(
+        "--max-response-mb", type=float, default=DEFAULT_MAX_RESPONSE_MB, metavar="MB",
+        help=f"largest response body; larger requests get 400 (default {DEFAULT_MAX_RESPONSE_MB:g})",
+    )
+    parser.add_argument(
         "--logprobs-mode", choices=LOGPROBS_MODES, default="raw_logprobs",
         help="vLLM's option: the generated tokens' log-probabilities before temperature and truncation "
              "(raw_logprobs, vLLM's default) or after both (processed_logprobs)",
@@ -775,6 +819,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         logprobs_mode=args.logprobs_mode,
+        max_response_mb=args.max_response_mb,
     ).serve_forever()
     return 0
 
