@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from megatron_mopd.parallel import destroy_parallel, initialize_parallel
+from megatron_mopd.platform import destroy_parallel, initialize_parallel
 from megatron_mopd.teachers.colocated import ColocatedTeacher
 from megatron_mopd.testing import run_on_ranks
 from megatron_mopd.testing.gpt import TinyGPT

@@ -150,7 +150,7 @@ def forward_step_on_rank(tp: int) -> list[dict[str, Any]]:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_mopd.parallel import destroy_parallel, initialize_parallel
+    from megatron_mopd.platform import destroy_parallel, initialize_parallel
     from megatron_mopd.trainer.forward_step import (
         MicroBatch, StepContext, StepTeacherScores, forward_step, loss_func,
     )

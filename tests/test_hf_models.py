@@ -36,7 +36,7 @@ from megatron_mopd.models import (
     hf_tensor_shapes,
     load_hf_weights,
 )
-from megatron_mopd.parallel import destroy_parallel, initialize_parallel
+from megatron_mopd.platform import destroy_parallel, initialize_parallel
 from megatron_mopd.testing import run_on_ranks
 
 pytestmark = pytest.mark.skipif(

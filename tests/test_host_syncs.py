@@ -291,7 +291,7 @@ def trainer_loss_on_rank(validations: tuple[bool, ...]) -> list[dict[str, Any]]:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_mopd.parallel import destroy_parallel, initialize_parallel
+    from megatron_mopd.platform import destroy_parallel, initialize_parallel
     from megatron_mopd.teachers import ColocatedTeacher, RemoteTeacher, submit_teacher_scores
     from megatron_mopd.testing.gpt import TinyGPT
     from megatron_mopd.testing.canned_server import CannedServer

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Optional
 import pytest
 import torch
 
-from megatron_mopd.parallel import destroy_parallel, initialize_parallel
+from megatron_mopd.platform import destroy_parallel, initialize_parallel
 from megatron_mopd.testing import run_on_ranks
 from megatron_mopd.testing.gpt import TinyGPT
 

@@ -31,7 +31,7 @@ import torch
 from megatron_mopd.integrations.megatron_lm import (
     MegatronLMMopdConfig, MopdForwardStep, add_mopd_args, mopd_config_from_args,
 )
-from megatron_mopd.parallel import destroy_parallel, initialize_parallel
+from megatron_mopd.platform import destroy_parallel, initialize_parallel
 from megatron_mopd.testing import run_on_ranks
 from megatron_mopd.trainer.config import ConfigError, LossConfig, TeacherConfig
 

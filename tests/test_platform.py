@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from megatron_mopd.parallel import (
+from megatron_mopd.platform import (
     Platform,
     cpu_mode_enabled,
     destroy_parallel,
@@ -73,7 +73,7 @@ def test_initialize_parallel_without_torchrun_environment_runs_a_single_process(
     script = """
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron_mopd.parallel import Platform, cpu_mode_enabled, destroy_parallel, initialize_parallel
+from megatron_mopd.platform import Platform, cpu_mode_enabled, destroy_parallel, initialize_parallel
 
 assert initialize_parallel(device="cpu") == Platform("cpu", "gloo") and cpu_mode_enabled()
 assert dist.get_world_size() == 1 and parallel_state.get_data_parallel_world_size() == 1

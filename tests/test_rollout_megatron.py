@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_mopd.parallel import destroy_parallel, initialize_parallel
+from megatron_mopd.platform import destroy_parallel, initialize_parallel
 from megatron_mopd.rollout import MegatronRolloutEngine, Rollout, SamplingParams
 from megatron_mopd.testing import run_on_ranks
 

@@ -36,7 +36,7 @@ import orjson
 import pytest
 import torch
 
-from megatron_mopd.parallel import destroy_parallel, initialize_parallel
+from megatron_mopd.platform import destroy_parallel, initialize_parallel
 from megatron_mopd.rollout import Rollout, SamplingParams
 from megatron_mopd.teachers.server_process import teacher_server_process
 from megatron_mopd.testing import run_on_ranks

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_mopd.parallel import destroy_parallel, initialize_parallel
+from megatron_mopd.platform import destroy_parallel, initialize_parallel
 from megatron_mopd.teachers.placement import cp_slice, fetch_teacher_scores, submit_teacher_scores
 from megatron_mopd.teachers.types import TeacherLogprobs
 from megatron_mopd.testing import run_on_ranks

@@ -125,7 +125,7 @@ def init_megatron_tp1(device: torch.device, cpu_mode: bool) -> None:
     """
     from megatron.core import parallel_state
 
-    from megatron_mopd.parallel import enable_cpu_mode
+    from megatron_mopd.platform import enable_cpu_mode
 
     if cpu_mode:
         enable_cpu_mode()

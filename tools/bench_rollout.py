@@ -79,7 +79,7 @@ def hf_seconds(model_dir: Path, prompts: list[list[int]], new_tokens: int, repea
 def megatron_seconds(model_dir: str, tp: int, prompts: list[list[int]], new_tokens: int, repeats: int) -> float:
     """The engine's median seconds per call at tensor-parallel size ``tp`` (every rank returns it)."""
     from megatron_mopd.models import GPTArchitecture, load_hf_weights
-    from megatron_mopd.parallel import destroy_parallel, initialize_parallel
+    from megatron_mopd.platform import destroy_parallel, initialize_parallel
     from megatron_mopd.rollout import MegatronRolloutEngine, SamplingParams
 
     initialize_parallel(tp, 1, seed=0)
@@ -101,7 +101,7 @@ def server_seconds(model_dir: Path, server: str, prompts: list[list[int]], new_t
     import tempfile
 
     from megatron_mopd.models import GPTArchitecture, load_hf_weights
-    from megatron_mopd.parallel import destroy_parallel, initialize_parallel
+    from megatron_mopd.platform import destroy_parallel, initialize_parallel
     from megatron_mopd.rollout import SamplingParams
     from megatron_mopd.rollout.server_engine import DiskWeightSync, ServerRolloutEngine
     from megatron_mopd.teachers.server_process import teacher_server_process, vllm_server_process

@@ -358,7 +358,7 @@ class GPTArchitecture:
 
 def transformer_engine_usable() -> bool:
     """Whether Transformer Engine is importable and the process is not in CPU mode."""
-    from megatron_mopd.parallel import cpu_mode_enabled
+    from megatron_mopd.platform import cpu_mode_enabled
 
     return importlib.util.find_spec("transformer_engine") is not None and not cpu_mode_enabled()
 

@@ -562,5 +562,5 @@ def _require_distributed(caller: str) -> None:
     if not dist.is_initialized():
         raise RuntimeError(
             f"{caller}: torch.distributed is not initialized; call "
-            "megatron_mopd.parallel.initialize_parallel(...) first"
+            "megatron_mopd.platform.initialize_parallel(...) first"
         )

@@ -44,7 +44,7 @@ def train(config: MopdConfig, *, say: Optional[Callable[[str], None]] = None) ->
         ConfigError: the configuration does not fit the job (world size, model sizes, data).
         NonFiniteLossError, TeacherError, ...: training failed; the last checkpoint stays valid.
     """
-    from megatron_mopd.parallel import destroy_parallel, initialize_parallel
+    from megatron_mopd.platform import destroy_parallel, initialize_parallel
 
     parallel = config.parallel
     try:
@@ -67,9 +67,8 @@ def _layout(device_type: str) -> Layout:
 
 
 def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> Optional[dict[str, Any]]:
-    from transformers import AutoTokenizer
-
     from megatron_mopd.crosstok import CanonicalVocabulary
+    from megatron_mopd.crosstok.local_tokenizer import load_local_tokenizer
     from megatron_mopd.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from megatron_mopd.trainer.cross_tokenizer import CrossTokenizerSide
     from megatron_mopd.trainer.data import GlobalBatchSampler, rank_slice
@@ -83,7 +82,8 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
     if device_type == "cpu":
         _share_cpu_cores(config)
     output_dir = Path(config.output_dir)
-    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
+    tokenizer = load_local_tokenizer(config.model.tokenizer or config.model.path,
+                                     "model.tokenizer" if config.model.tokenizer else "model.path")
     arch = _architecture(config, tokenizer)
     _check_layout(config, arch, layout)
     dataset = _Dataset(config.data.path, "data.path", config, tokenizer, completions=config.rollout.lmbda < 1)
@@ -257,16 +257,15 @@ def _check_layout(config: MopdConfig, arch, layout: Layout) -> None:
 def _check_teacher_vocabularies(config: MopdConfig, tokenizer) -> None:
     """A teacher without a tokenizer of its own must index the student's vocabulary: when its model
     directory has a tokenizer, the two must be the same vocabulary (same fingerprint)."""
-    from transformers import AutoTokenizer
-
     from megatron_mopd.crosstok import vocabulary_fingerprint
+    from megatron_mopd.crosstok.local_tokenizer import load_local_tokenizer
 
     student = None
     for teacher in config.teachers:
         if teacher.tokenizer is not None or teacher.model is None:
             continue
         try:
-            own = AutoTokenizer.from_pretrained(teacher.model)
+            own = load_local_tokenizer(teacher.model, "teachers.N.model")
         except (OSError, ValueError):
             continue  # no tokenizer in the directory: nothing to compare
         student = student or vocabulary_fingerprint(tokenizer)
@@ -417,8 +416,7 @@ def _rollout_engine(config: MopdConfig, arch, trainee):
     started by local rank 0 of each node on ``served_dir`` after a first export of the student); its
     weights are pushed whenever the optimizer stepped since the last push. Collective. The server engine
     is a context manager: leaving it stops the servers started here."""
-    from transformers import AutoTokenizer
-
+    from megatron_mopd.crosstok.local_tokenizer import load_local_tokenizer
     from megatron_mopd.rollout import MegatronRolloutEngine
     from megatron_mopd.rollout.server_engine import (
         DiskWeightSync, ServerRolloutEngine, export_served, logprobs_mode_for)
@@ -430,7 +428,8 @@ def _rollout_engine(config: MopdConfig, arch, trainee):
         return MegatronRolloutEngine(trainee.model[0], vocab_size=arch.vocab_size, pad_token_id=trainee.pad_id,
                                      max_sequence_length=config.data.seq_length)
     served_dir = Path(rollout.served_dir or Path(config.output_dir) / "rollout_model")
-    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
+    tokenizer = load_local_tokenizer(config.model.tokenizer or config.model.path,
+                                     "model.tokenizer" if config.model.tokenizer else "model.path")
     fields = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
     urls, all_urls, servers = list(rollout.urls), list(rollout.urls), contextlib.ExitStack()
     if not urls:
