@@ -4,18 +4,22 @@ stay out of the console."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 from megatron_mopd.demo.assets import DEMO_CONFIG
 
 
-def mopd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def mopd(*args: str, timeout: float = 300, cwd: Optional[Path] = None,
+         env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run ``mopd ARGS`` (in ``cwd``, with ``env`` added to the environment)."""
     return subprocess.run([sys.executable, "-m", "megatron_mopd.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd, env=None if env is None else {**os.environ, **env})
 
 
 def assert_one_line_error(finished: subprocess.CompletedProcess, command: str, pattern: str) -> None:
@@ -83,6 +87,23 @@ def test_a_teacher_whose_vocabulary_does_not_fit_is_refused_before_training(conf
 ])
 def test_other_commands_report_bad_paths_in_one_line(args, pattern) -> None:
     assert_one_line_error(mopd(*args), args[0], pattern)
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["build-projection", "--student", "mytok", "--teacher", "mytok", "-o", "w.safetensors"],
+     r"--student mytok: no such file or directory; --student must name a local directory that holds a tokenizer; "
+     r"download one from the Hugging Face Hub first: hf download NAME --local-dir DIR"),
+    (["train", "--config", str(DEMO_CONFIG), "model.path=mystudent"],
+     r"model.path mystudent: no such file or directory; model.path must name a local directory"),
+    (["train", "--config", str(EXAMPLES / "cross_tokenizer_gold.yaml"), "teachers.0.tokenizer=sp_tok"],
+     r"teacher 'sp_teacher': .*teachers.N.tokenizer sp_tok: no such file or directory"),
+], ids=["build-projection --student", "train model.path", "train teachers.N.tokenizer"])
+def test_a_mistyped_tokenizer_directory_is_one_line_naming_it_not_a_hub_lookup(args, pattern, tmp_path) -> None:
+    """A relative path that does not exist is refused as a path, not looked up on the Hugging Face Hub
+    (the Hub is off for the run: a lookup would fail with another message)."""
+    finished = mopd(*args, *(["output_dir=run"] if args[0] == "train" else []), cwd=tmp_path,
+                    env={"HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(finished, args[0], pattern)
 
 
 def test_the_demo_verdict_requires_every_teachers_held_out_divergence_to_halve() -> None:

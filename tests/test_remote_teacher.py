@@ -217,6 +217,13 @@ def _token_set(field: int, value, sequence: int = 0, position: int = 2):
     return mutate
 
 
+def _vllm_shifted_by_one(body):
+    """Sequence 1's entries one position early: no leading null, the last entry repeated to keep the
+    length. Read from position 1 on, every row would score the wrong token."""
+    entries = body["choices"][1]["prompt_logprobs"]
+    entries[:] = entries[1:] + entries[-1:]
+
+
 def _sglang_duplicate(body):
     sglang_top(body)[1][1] = sglang_top(body)[0][1]
 
@@ -255,6 +262,8 @@ DEFECTIVE_BODIES = {
                           r"token 3: .* has no integer 'rank'"),
     "vllm rank 0": ("vllm", _vllm_update("3", rank=0), (0, 2), r"token 3 has rank 0 < 1"),
     "vllm all -9999": ("vllm", _vllm_set_all("logprob", -9999.0), (0, 2), r"no finite log-probability among the top"),
+    "vllm first prompt_logprobs entry not null": ("vllm", _vllm_shifted_by_one, (1, 0), r"the first prompt_logprobs "
+                                                                                     r"entry is not null"),
     "sglang float id": ("sglang", _top_set(1, 14.0), (0, 2), r"input_top_logprobs: .* has a non-integer token id"),
     "sglang string id": ("sglang", _top_set(1, "14"), (0, 2), r"input_top_logprobs: .* has a non-integer token id"),
     "sglang bool id": ("sglang", _top_set(1, True), (0, 2), r"input_top_logprobs: .* has a non-integer token id"),
@@ -495,6 +504,50 @@ def test_transient_failures_are_retried(protocol, fault):
         server.inject(fault, times=2)
         assert_same(teacher.score(sequences), expected_scores(server, sequences, 4))
         assert server.scoring_requests == 1 + 3  # the probe, two failures, the success
+
+
+class RecordedBackoff:
+    """Stands in for the ``time`` and ``random`` modules of ``teachers.remote``: ``sleep`` records the
+    wait instead of sleeping, ``uniform`` records its bounds and returns the next scripted jitter."""
+
+    def __init__(self, jitters: list[float]):
+        self.waits: list[float] = []
+        self.bounds: list[tuple[float, float]] = []
+        self._jitters = iter(jitters)
+        self.monotonic = time.monotonic
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    def uniform(self, low: float, high: float) -> float:
+        self.bounds.append((low, high))
+        return next(self._jitters)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_retries_wait_backoff_doubling_per_attempt_times_a_jitter_in_half_to_one_and_a_half(protocol, monkeypatch):
+    """Before retry i (i = 0, 1, ...) the client waits ``backoff_s · 2^i · U(0.5, 1.5)``; nothing before
+    the first attempt, nor after the last failed one."""
+    from megatron_mopd.teachers import remote
+
+    backoff = RecordedBackoff(jitters=[1.0, 1.5, 0.5, 1.0, 1.0, 1.0])
+    with CannedServer() as server, RemoteTeacher(server.url, protocol, topk=4, retries=3, backoff_s=2.0,
+                                                 timeout_s=10.0) as teacher:
+        monkeypatch.setattr(remote, "time", backoff)
+        monkeypatch.setattr(remote, "random", backoff)
+        sequences = random_sequences(3, 256, seed=6, lengths=(2, 10))
+        assert_same(teacher.score(sequences), expected_scores(server, sequences, 4))
+        assert backoff.waits == []  # no failure, no wait
+
+        server.inject("http_503", times=3)
+        assert_same(teacher.score(sequences), expected_scores(server, sequences, 4))
+        assert backoff.waits == [2.0 * 1 * 1.0, 2.0 * 2 * 1.5, 2.0 * 4 * 0.5]
+        assert backoff.bounds == [(0.5, 1.5)] * 3
+
+        server.inject("http_503", times=4)
+        with pytest.raises(TeacherRequestError, match="failed after 4 attempts"):
+            teacher.score(sequences)
+        assert backoff.waits[3:] == [2.0 * 1 * 1.0, 2.0 * 2 * 1.0, 2.0 * 4 * 1.0]  # and none after attempt 4
 
 
 def test_closed_keep_alive_connection_is_replaced_without_using_a_retry():

@@ -3,20 +3,24 @@
 Built between the two fixture tokenizers (GPT-2-style byte-level BPE and Llama-style SentencePiece
 BPE with byte fallback, in both directions) and between two byte-level vocabularies of different
 sizes:
-- token strings are compared as canonical bytes (``Ġ``/``Ċ`` bytes, ``▁`` = space, ``<0xNN>`` = byte);
+- token strings are compared as canonical bytes (``Ġ``/``Ċ`` bytes, ``▁`` = space, ``<0xNN>`` = byte), so
+  every single byte, control bytes included, maps one-hot between the two;
 - a student token the teacher has verbatim gets a one-hot row; any other is re-encoded by the
   teacher into pieces t₀…, weighted β·γ^i normalized (repeated pieces accumulate), pieces that must
   spell exactly the student token's bytes (no dummy prefix space, no special tokens, partial UTF-8 as
   single bytes) or the row stays empty; special tokens match by content;
 - rows sum to 1 or are empty, the stats partition the rows, identical tokenizers give the identity;
 - the safetensors file round-trips, and refuses other tokenizers (naming the side) and broken files;
-- ``shard`` / ``common_pairs`` / ``teacher_reachable`` / the reverse pass / the ``mopd`` CLI.
+- ``shard`` / ``common_pairs`` / ``teacher_reachable`` / the reverse pass / the ``mopd`` CLI, which takes
+  local tokenizer directories only (a mistyped path never goes to the Hugging Face Hub) and creates the
+  output's missing directory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +29,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from megatron_mopd import cli
 from megatron_mopd.crosstok import (
@@ -184,6 +188,28 @@ def test_exact_matches_are_one_hot(byte_level, sentencepiece, bl_to_sp, sp_to_bl
     for projection, student_id, teacher_id in pairs:
         assert row(projection, student_id) == {teacher_id: 1.0}
         assert projection.exact[student_id]
+
+
+def test_control_bytes_map_one_hot_to_the_teachers_byte_tokens(byte_level, sentencepiece, bl_to_sp, sp_to_bl) -> None:
+    """Every byte-level token that spells one control byte (0x00–0x1F and 0x7F: ``Ā``…``ğ`` and ``ġ`` in
+    GPT-2's byte alphabet) gets a one-hot row on the byte-fallback teacher's token of that byte: its
+    ``<0xNN>``, or its regular token where it has one (tab, newline); and each such ``<0xNN>`` maps back
+    one-hot to the byte-level token."""
+    convention = TokenConvention(byte_level=True)
+    controls = {
+        key[0]: student_id
+        for token, student_id in byte_level.get_vocab().items()
+        if (key := convention.canonical(token)) is not None and len(key) == 1 and (key[0] < 0x20 or key[0] == 0x7F)
+    }
+    assert sorted(controls) == [*range(0x20), 0x7F]
+    assert controls[0x00] == tid(byte_level, "Ā")
+    regular = {0x09: tid(sentencepiece, "\t"), 0x0A: tid(sentencepiece, "\n")}
+    for byte, student_id in controls.items():
+        fallback = tid(sentencepiece, f"<0x{byte:02X}>")
+        assert row(bl_to_sp, student_id) == {regular.get(byte, fallback): 1.0}, hex(byte)
+        assert bl_to_sp.exact[student_id]
+        assert row(sp_to_bl, fallback) == {student_id: 1.0}, hex(byte)
+        assert sp_to_bl.exact[fallback]
 
 
 def test_split_tokens_get_normalized_geometric_weights(byte_level, sentencepiece, bl_to_sp, sp_to_bl) -> None:
@@ -521,3 +547,86 @@ def test_cli_reports_invalid_arguments(tmp_path: Path, capsys) -> None:
             "--reverse", "--beta", "0.4"]
     assert cli.main(argv) == 1
     assert "beta" in capsys.readouterr().err and not output.exists()
+
+
+@pytest.fixture
+def recorded_tokenizer_loads(monkeypatch) -> list[str]:
+    """The paths ``AutoTokenizer.from_pretrained`` is called with; it loads existing directories only and
+    answers anything else with OSError, never looking a name up on the Hugging Face Hub."""
+    original = AutoTokenizer.from_pretrained.__func__
+    paths: list[str] = []
+
+    def recording(cls, path, *args, **kwargs):
+        paths.append(str(path))
+        if not Path(path).is_dir():
+            raise OSError(f"the test does not let {path!r} reach the Hub")
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(recording))
+    return paths
+
+
+def one_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("mopd build-projection: error: ")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+BAD_TOKENIZER_PATHS = {  # kind: (the path, relative to the working directory; what the error says after it)
+    "mistyped": ("mytok", r"no such file or directory; {flag} must name a local directory that holds a tokenizer; "
+                          r"download one from the Hugging Face Hub first: hf download NAME --local-dir DIR$"),
+    "a file": ("tok.txt", r"is a file, not a directory; {flag} must name a local directory that holds a tokenizer"),
+    "no vocabulary file": ("model", r"no tokenizer in this directory \(none of tokenizer.json, .*vocab.json \+ "
+                                    r"merges.txt.*\); .*hf download NAME --local-dir DIR$"),
+}
+
+
+@pytest.mark.parametrize("flag", ["--student", "--teacher"])
+@pytest.mark.parametrize("kind", list(BAD_TOKENIZER_PATHS))
+def test_cli_refuses_a_path_that_is_no_local_tokenizer_directory_without_asking_the_hub(
+    flag: str, kind: str, tmp_path: Path, monkeypatch, capsys, recorded_tokenizer_loads
+) -> None:
+    """A mistyped name is not taken for a Hugging Face Hub name (from_pretrained never sees it); a file,
+    or a directory without a vocabulary file (only a tokenizer_config.json, say), is refused before
+    transformers tries to convert it. One line on stderr names the flag, the path and the fix."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tok.txt").write_text("not a tokenizer")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "tokenizer_config.json").write_text("{}")
+    bad, message = BAD_TOKENIZER_PATHS[kind]
+    good = str(tokenizer_dir("byte_level_bpe", 2000))
+    paths = {"--student": good, "--teacher": good, flag: bad}
+    argv = ["build-projection", "--student", paths["--student"], "--teacher", paths["--teacher"], "-o", "w.safetensors"]
+    assert cli.main(argv) == 1
+    error = one_error_line(capsys.readouterr().err)
+    assert error.startswith(f"mopd build-projection: error: {flag} {bad}: ")
+    assert re.search(message.format(flag=flag), error), error
+    assert bad not in recorded_tokenizer_loads and not (tmp_path / "w.safetensors").exists()
+
+
+def test_the_api_names_the_side_of_a_path_that_is_no_tokenizer_directory(
+    byte_level, bl_to_sp, tmp_path: Path, recorded_tokenizer_loads
+) -> None:
+    with pytest.raises(ValueError, match=r"^teacher .*missing: no such file or directory"):
+        VocabProjection.build(byte_level, tmp_path / "missing")
+    bl_to_sp.save(tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match=r"^student .*missing: no such file or directory"):
+        VocabProjection.load(tmp_path / "w.safetensors", student=tmp_path / "missing")
+    assert recorded_tokenizer_loads == []
+
+
+def test_cli_creates_a_missing_output_directory_and_says_so(tmp_path: Path, capsys) -> None:
+    student, teacher = tokenizer_dir("byte_level_bpe", 2000), tokenizer_dir("sentencepiece_bpe", 2000)
+    output = tmp_path / "new" / "nested" / "w.safetensors"
+    assert cli.main(["build-projection", "--student", str(student), "--teacher", str(teacher), "-o", str(output)]) == 0
+    assert f"created directory {output.parent}" in capsys.readouterr().out
+    assert VocabProjection.load(output, student=student, teacher=teacher).student_vocab_size == 2000
+
+
+def test_cli_refuses_an_output_that_is_a_directory(tmp_path: Path, capsys) -> None:
+    student, teacher = tokenizer_dir("byte_level_bpe", 2000), tokenizer_dir("sentencepiece_bpe", 2000)
+    assert cli.main(["build-projection", "--student", str(student), "--teacher", str(teacher), "-o", str(tmp_path)]) == 1
+    error = one_error_line(capsys.readouterr().err)
+    assert f"-o {tmp_path}: is a directory; -o takes the projection file to write" in error
+    assert list(tmp_path.iterdir()) == []

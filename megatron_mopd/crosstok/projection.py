@@ -44,9 +44,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from megatron_mopd.crosstok.canonical import CanonicalVocabulary, vocabulary_fingerprint
+from megatron_mopd.crosstok.local_tokenizer import load_local_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +156,8 @@ class VocabProjection:
         """
         params = _validated_params(beta, gamma, max_pieces, top_k, reverse, match_special)
         began = time.perf_counter()
-        s_vocab = CanonicalVocabulary.of(_tokenizer(student))
-        t_vocab = CanonicalVocabulary.of(_tokenizer(teacher))
+        s_vocab = CanonicalVocabulary.of(_tokenizer(student, "student"))
+        t_vocab = CanonicalVocabulary.of(_tokenizer(teacher, "teacher"))
         vs, vt = len(s_vocab), len(t_vocab)
         kind = np.full(vs, _UNMAPPED, dtype=np.int8)
         entries = _Entries()
@@ -277,7 +278,7 @@ class VocabProjection:
                 ("student", student, self.student_fingerprint),
                 ("teacher", teacher, self.teacher_fingerprint),
             )
-            if tokenizer is not None and (actual := vocabulary_fingerprint(_tokenizer(tokenizer))) != stored
+            if tokenizer is not None and (actual := vocabulary_fingerprint(_tokenizer(tokenizer, side))) != stored
         ]
         if changed:
             raise ValueError(
@@ -462,8 +463,9 @@ def _read(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], dict[
     return tensors, metadata
 
 
-def _tokenizer(tokenizer: TokenizerLike) -> PreTrainedTokenizerBase:
-    """A tokenizer object, loading a local tokenizer directory (or hub name) when given a path."""
+def _tokenizer(tokenizer: TokenizerLike, side: str) -> PreTrainedTokenizerBase:
+    """A tokenizer object, loading the local tokenizer directory when given a path (``side`` names it
+    in errors: "student" or "teacher")."""
     if isinstance(tokenizer, (str, os.PathLike)):
-        return AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+        return load_local_tokenizer(tokenizer, side)
     return tokenizer

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from megatron_mopd.crosstok import AlignmentError, SequenceAlignment, VocabProjection, align_batch, align_offsets
+from megatron_mopd.crosstok.local_tokenizer import load_local_tokenizer
 from megatron_mopd.trainer.config import ConfigError, TeacherConfig
 from megatron_mopd.trainer.data import Example, render, tokenize
 
@@ -38,11 +39,9 @@ class CrossTokenizerSide:
     """The teacher's tokenizer, the projection into its vocabulary, and the per-sample alignment."""
 
     def __init__(self, config: TeacherConfig, student_tokenizer: Any, max_teacher_tokens: int) -> None:
-        from transformers import AutoTokenizer
-
         where = f"teacher {config.name!r}"
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+            self.tokenizer = load_local_tokenizer(config.tokenizer, "teachers.N.tokenizer")
         except (OSError, ValueError) as error:
             raise ConfigError(f"{where}: tokenizer {config.tokenizer}: {error}") from None
         if not getattr(self.tokenizer, "is_fast", False):
