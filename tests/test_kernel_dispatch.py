@@ -25,11 +25,14 @@ KERNEL_MODULES = tuple(f"megatron_mopd.kernels.{name}" for name in ("logsumexp",
 
 def test_cpu_tensors_take_the_pytorch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not kernels.use_triton(torch.zeros(2, 3))
-    fake_cuda = SimpleNamespace(is_cuda=True)
+    cuda = torch.device("cuda", 0)
     monkeypatch.setenv(kernels.DISABLE_ENV, "1")
-    assert not kernels.use_triton(fake_cuda)  # type: ignore[arg-type]
+    assert not kernels.use_triton(cuda)
     monkeypatch.setenv(kernels.DISABLE_ENV, "0")
-    assert kernels.use_triton(fake_cuda) == kernels.triton_available()  # type: ignore[arg-type]
+    assert kernels.use_triton(cuda) == kernels.triton_available()
+    # the device type decides: torch_npu's transfer_to_npu makes an NPU tensor answer is_cuda with True
+    npu_tensor = SimpleNamespace(is_cuda=True, device=SimpleNamespace(type="npu"))
+    assert not kernels.use_triton(npu_tensor)  # type: ignore[arg-type]
 
 
 def test_the_losses_on_cpu_never_load_a_kernel(monkeypatch: pytest.MonkeyPatch) -> None:

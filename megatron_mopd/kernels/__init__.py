@@ -48,9 +48,11 @@ def use_triton(where: torch.Tensor | torch.device) -> bool:
     """True when the passes over a tensor (or on a device) should run the Triton kernels.
 
     That is: it is on a CUDA device, Triton is installed, and ``MOPD_DISABLE_TRITON`` is not ``1``.
-    CPU and NPU tensors always take the PyTorch path (without even looking for Triton).
+    CPU and NPU tensors always take the PyTorch path (without even looking for Triton). The device's
+    type decides, not ``Tensor.is_cuda``, which answers True for NPU tensors under ``torch_npu``'s
+    ``transfer_to_npu`` (MindSpeed's adaptor activates it).
     """
-    on_cuda = where.type == "cuda" if isinstance(where, torch.device) else where.is_cuda
+    on_cuda = (where if isinstance(where, torch.device) else where.device).type == "cuda"
     return on_cuda and not triton_disabled() and triton_available()
 
 

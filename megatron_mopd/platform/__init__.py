@@ -5,7 +5,7 @@ The vocab-parallel math lives in ``megatron_mopd.parallel``; nothing there depen
 """
 
 from megatron_mopd.platform.cpu_mode import cpu_mode_enabled, enable_cpu_mode
-from megatron_mopd.platform.devices import Platform, select_platform
+from megatron_mopd.platform.devices import Platform, prepare_platform, select_platform
 from megatron_mopd.platform.distributed import destroy_parallel, initialize_parallel
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "destroy_parallel",
     "enable_cpu_mode",
     "initialize_parallel",
+    "prepare_platform",
     "select_platform",
 ]

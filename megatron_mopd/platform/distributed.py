@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 from math import ceil
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_mopd.platform.devices import Platform, select_platform, use_device
+from megatron_mopd.platform.devices import Platform, repatch_mindspeed, select_platform, use_device
 
 __all__ = ["destroy_parallel", "initialize_parallel"]
 
@@ -26,13 +26,17 @@ def initialize_parallel(
     device: Optional[str] = None,
     seed: int = 1234,
     timeout_s: float = 600.0,
+    mindspeed_args: Optional[Mapping[str, Any]] = None,
 ) -> Platform:
     """Initialize torch.distributed (if needed), the local device and Megatron's parallel groups.
 
     The process group comes from the torchrun environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
     ``MASTER_PORT``); without it, a single-process group (world size 1) is created. An existing
-    process group is used as is. On the CPU, CPU mode is enabled. Finally the seeds are set:
-    ``torch.manual_seed(seed)`` and Megatron's ``model_parallel_cuda_manual_seed(seed)``.
+    process group is used as is. On the CPU, CPU mode is enabled. On NPU, MindSpeed's adaptor is
+    imported before Megatron (refused when Megatron came first), the device is ``LOCAL_RANK``'s, the
+    back-end HCCL, and MindSpeed's ``repatch`` receives the parallel sizes and ``mindspeed_args``
+    before Megatron's groups are created. Finally the seeds are set: ``torch.manual_seed(seed)`` and
+    Megatron's ``model_parallel_cuda_manual_seed(seed)``.
 
     Args:
         tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size: Megatron's
@@ -40,12 +44,17 @@ def initialize_parallel(
         device: passed to ``select_platform``.
         seed: the random seed.
         timeout_s: the collective timeout of the process groups.
+        mindspeed_args: NPU only: more of the run's settings under Megatron-LM's argument names
+            (``sequence_parallel``, ``bf16``, ``params_dtype``, ...) for MindSpeed's ``repatch``; the
+            three parallel sizes are added from the arguments above.
 
     Returns:
         The selected platform.
 
     Raises:
         ValueError: a size is below 1, or the world size is not divisible by tp * pp * cp.
+        RuntimeError: on NPU, MindSpeed or torch_npu is missing, or Megatron was imported before
+            MindSpeed's adaptor.
     """
     sizes = {
         "tensor_model_parallel_size": tensor_model_parallel_size,
@@ -79,6 +88,8 @@ def initialize_parallel(
                 platform.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
         _owns_process_group = True
+    if platform.device_type == "npu":
+        repatch_mindspeed({**(mindspeed_args or {}), **sizes})
 
     from megatron.core import parallel_state, tensor_parallel
 

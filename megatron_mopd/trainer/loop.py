@@ -48,13 +48,31 @@ def train(config: MopdConfig, *, say: Optional[Callable[[str], None]] = None) ->
 
     parallel = config.parallel
     try:
-        platform = initialize_parallel(parallel.tp, parallel.pp, parallel.cp, device=parallel.device, seed=config.seed)
+        platform = initialize_parallel(parallel.tp, parallel.pp, parallel.cp, device=parallel.device, seed=config.seed,
+                                       mindspeed_args=_megatron_lm_args(config))
     except ValueError as error:
         raise ConfigError(f"parallel: {error}") from None
     try:
         return _train(config, platform.device_type, say or print)
     finally:
         destroy_parallel()
+
+
+def _megatron_lm_args(config: MopdConfig) -> dict[str, Any]:
+    """The run's settings under Megatron-LM's argument names, which MindSpeed reads on NPU
+    (``initialize_parallel`` adds the parallel sizes): as ``_build_trainee`` builds the student, with
+    bf16 parameters when ``train.precision`` is bf16 and Megatron's distributed optimizer."""
+    dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
+    return {
+        "sequence_parallel": config.parallel.sequence_parallel,
+        "bf16": dtype == torch.bfloat16,
+        "fp16": False,
+        "params_dtype": dtype,
+        "seq_length": config.data.seq_length,
+        "micro_batch_size": config.train.micro_batch_size,
+        "global_batch_size": config.train.global_batch_size,
+        "use_distributed_optimizer": True,
+    }
 
 
 def _layout(device_type: str) -> Layout:
@@ -399,7 +417,9 @@ def _colocated_teacher(teacher, config: MopdConfig, arch, trainee):
         raise ConfigError(f"{where}: the teacher's {teacher_arch.num_query_groups} key/value heads and "
                           f"{teacher_arch.num_layers} layers must divide by parallel.tp and parallel.pp")
     dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
-    model = teacher_arch.build(parallel.tp, parallel.pp, params_dtype=dtype)
+    # sequence_parallel as the student's, explicitly: on NPU, MindSpeed fills unset fields from its arguments
+    model = teacher_arch.build(parallel.tp, parallel.pp, params_dtype=dtype,
+                               sequence_parallel=parallel.sequence_parallel)
     try:
         load_hf_weights(model, teacher.model, teacher_arch)
     except ValueError as error:
