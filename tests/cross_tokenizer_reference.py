@@ -23,7 +23,8 @@ def chunk_teacher(
     allowed: set[int] | None = None,
 ) -> list[tuple[dict[int, float], float]]:
     """Per chunk: ({teacher id: probability} of the kept ids, tail mass)."""
-    logprobs, ids, chunk_ids = logprobs.reshape(-1, logprobs.shape[-1]).double(), ids.reshape(-1, ids.shape[-1]), chunk_ids.reshape(-1)
+    logprobs, ids = logprobs.reshape(-1, logprobs.shape[-1]).double(), ids.reshape(-1, ids.shape[-1])
+    chunk_ids = chunk_ids.reshape(-1)
     chunks = []
     for c in range(num_chunks):
         rows = [r for r in range(len(chunk_ids)) if int(chunk_ids[r]) == c]

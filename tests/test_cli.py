@@ -77,7 +77,8 @@ EXAMPLES = Path(__file__).parents[1] / "examples" / "configs"
     ("single_teacher_topk.yaml", ["teachers.0.model=${demo:sp_teacher}"],
      "teacher 'reference': .* has another tokenizer than the student; set teachers.N.tokenizer and a projection"),
 ])
-def test_a_teacher_whose_vocabulary_does_not_fit_is_refused_before_training(config, overrides, pattern, tmp_path) -> None:
+def test_a_teacher_whose_vocabulary_does_not_fit_is_refused_before_training(config, overrides, pattern,
+                                                                             tmp_path) -> None:
     finished = mopd("train", "--config", str(EXAMPLES / config), f"output_dir={tmp_path}", *overrides)
     assert_one_line_error(finished, "train", pattern)
 

@@ -168,7 +168,10 @@ def _rank_worker(batches: dict[str, Batch], cases: list[Case]) -> list[tuple]:
 @functools.lru_cache(maxsize=None)
 def results_at(tp: int):
     batches, cases = all_batches(), all_cases()
-    per_rank = [run_shard(batches, cases, 0, 1, None)] if tp == 1 else run_on_ranks(_rank_worker, tp, args=(batches, cases))
+    if tp == 1:
+        per_rank = [run_shard(batches, cases, 0, 1, None)]
+    else:
+        per_rank = run_on_ranks(_rank_worker, tp, args=(batches, cases))
     assembled = []
     for i in range(len(cases)):
         losses = [rank_results[i][0] for rank_results in per_rank]
@@ -272,7 +275,8 @@ def test_identical_tokenizers_reduce_to_the_same_vocabulary_topk_jsd(tail: str, 
     chunks = torch.arange(10).view(2, 5)
     same_vocab = topk_generalized_jsd(logits, teacher_logprobs, teacher_ids, beta=beta, temperature=2.0, tail=tail)
     for loss_fn in (projected_kl, gold_loss):
-        cross = loss_fn(logits, chunks, teacher_logprobs, teacher_ids, chunks, identity, beta=beta, temperature=2.0, tail=tail)
+        cross = loss_fn(logits, chunks, teacher_logprobs, teacher_ids, chunks, identity, beta=beta, temperature=2.0,
+                        tail=tail)
         torch.testing.assert_close(cross, same_vocab.reshape(-1), rtol=1e-5, atol=1e-6)
 
 

@@ -60,7 +60,8 @@ def pipeline(student_name: str, teacher_name: str):
     batch = align_batch(alignments, student_len, teacher_len)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(len(SAMPLES), student_len, PADDED_STUDENT_VOCAB, generator=gen) * 2
-    teacher_logp = torch.log_softmax(torch.randn(len(SAMPLES), teacher_len - 1, len(teacher_tok), generator=gen) * 3, -1)
+    teacher_logits = torch.randn(len(SAMPLES), teacher_len - 1, len(teacher_tok), generator=gen)
+    teacher_logp = torch.log_softmax(teacher_logits * 3, -1)
     logprobs, ids = teacher_logp.topk(K, dim=-1)
     projection = VocabProjection.build(student_tok, teacher_tok)
     return dict(
@@ -95,20 +96,25 @@ def reference_losses(data: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
         logits = data["logits"].double().requires_grad_(True)
         if kind == "pkl":
             allowed = set(torch.nonzero(projection.teacher_reachable()).flatten().tolist())
-            teacher = reference.chunk_teacher(data["logprobs"], data["ids"], batch.teacher_chunk_ids, batch.num_chunks, 1.0, "tail", K, allowed)
-            loss = reference.projected_kl(logits, batch.student_chunk_ids, dense_projection(projection), teacher, 0.0, 1.0, "tail", vocab)
+            teacher = reference.chunk_teacher(data["logprobs"], data["ids"], batch.teacher_chunk_ids, batch.num_chunks,
+                                              1.0, "tail", K, allowed)
+            loss = reference.projected_kl(logits, batch.student_chunk_ids, dense_projection(projection), teacher, 0.0,
+                                          1.0, "tail", vocab)
         else:
-            teacher = reference.chunk_teacher(data["logprobs"], data["ids"], batch.teacher_chunk_ids, batch.num_chunks, 1.0, "tail", K)
+            teacher = reference.chunk_teacher(data["logprobs"], data["ids"], batch.teacher_chunk_ids, batch.num_chunks,
+                                              1.0, "tail", K)
             student_ids, teacher_ids = projection.common_pairs(0.6)
             pairs = dict(zip(teacher_ids.tolist(), student_ids.tolist()))
             matched = len(pairs) / projection.teacher_vocab_size
-            loss = reference.gold(logits, batch.student_chunk_ids, pairs, teacher, 0.5, 1.0, "tail", vocab, matched, 1 - matched)
+            loss = reference.gold(logits, batch.student_chunk_ids, pairs, teacher, 0.5, 1.0, "tail", vocab, matched,
+                                  1 - matched)
         loss.mean().backward()
         out.append((loss.detach(), logits.grad))
     return out
 
 
-@pytest.mark.parametrize("student_name,teacher_name", [("byte_level", "sentencepiece"), ("sentencepiece", "byte_level")])
+@pytest.mark.parametrize("student_name,teacher_name",
+                         [("byte_level", "sentencepiece"), ("sentencepiece", "byte_level")])
 @pytest.mark.parametrize("tp", [1, 2])
 def test_aligned_losses_match_the_dense_reference(student_name: str, teacher_name: str, tp: int) -> None:
     data = pipeline(student_name, teacher_name)

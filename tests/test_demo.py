@@ -27,8 +27,8 @@ def test_the_demo_configuration_is_a_two_teacher_on_policy_run_over_two_domains(
 
 def test_a_short_demo_reports_both_teachers_on_held_out_prompts_and_a_verdict(tmp_path) -> None:
     finished = subprocess.run(
-        [sys.executable, "-m", "megatron_mopd.cli", "demo", "--output", str(tmp_path), "train.steps=4", "train.lr_warmup_steps=1",
-         "eval.interval=2", "logging.progress=false", "checkpoint.export_hf=false"],
+        [sys.executable, "-m", "megatron_mopd.cli", "demo", "--output", str(tmp_path), "train.steps=4",
+         "train.lr_warmup_steps=1", "eval.interval=2", "logging.progress=false", "checkpoint.export_hf=false"],
         capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())

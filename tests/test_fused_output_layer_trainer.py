@@ -116,7 +116,8 @@ def test_a_student_without_logits_names_the_teacher_that_needs_them() -> None:
     student = OutputLayerInput(torch.zeros(B, S, H), torch.zeros(PADDED_V, H), sequence_parallel=False,
                                vocab_size=V, validate=True)
     with pytest.raises(ValueError, match=r"teacher 'full' \(loss jsd\) needs the student's logits, which "
-                                         r"loss.fused_output_layer never computes: .* set loss.fused_output_layer=false"):
+                                         r"loss.fused_output_layer never computes: "
+                                         r".* set loss.fused_output_layer=false"):
         student.logits("teacher 'full' (loss jsd)")
 
 

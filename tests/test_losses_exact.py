@@ -5,7 +5,8 @@ both tail modes, the per-position loss and the gradient of the masked token-mean
 student logits match the dense float64 reference of ``dense_reference.py`` within 1e-5 relative error
 (norm-wise). The batch has positions masked with label -100, a padded vocabulary (190 real ids in 256,
 so at TP = 4 the last rank holds no real id), teacher rows with absent (-inf) entries and a masked row
-with no teacher entry at all. Half of the cases use a 4-token chunk so the chunked path is covered. Three full-vocabulary cases use the torch.compile-fused core.
+with no teacher entry at all. Half of the cases use a 4-token chunk so the chunked path is covered.
+Three full-vocabulary cases use the torch.compile-fused core.
 
 -inf logits are tokens of probability 0 (0·log 0 = 0). Four more batches put -inf in the student, the
 teacher, both at the same ids, or the student at the teacher's top-k ids; each also has a position

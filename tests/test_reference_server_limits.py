@@ -79,7 +79,8 @@ def test_a_top_k_above_the_vocabulary_is_a_400_naming_it(server) -> None:
     assert status == 400
     assert body["message"] == f"'prompt_logprobs' of {VOCAB + 1} is more than the model's vocabulary of {VOCAB} tokens"
     status, body = post(server.url, "/generate", {"input_ids": [1, 2, 3], "return_logprob": True,
-                                                  "top_logprobs_num": VOCAB + 1, "sampling_params": {"max_new_tokens": 0}})
+                                                  "top_logprobs_num": VOCAB + 1,
+                                                  "sampling_params": {"max_new_tokens": 0}})
     assert status == 400
     assert "'top_logprobs_num' of 2001 is more than the model's vocabulary of 2000 tokens" in body["error"]["message"]
 

@@ -11,8 +11,8 @@ reference teacher servers:
   uninterrupted run's losses (relative 1e-6), and ``metrics.jsonl`` describes one history;
 - a checkpoint saved at TP=2 continues at PP=2 with the uninterrupted run's losses;
 - an on-policy run (``rollout.lmbda=1``) trains on the student's own samples, and samples and trains
-  alike at TP=2 (also with the fused output layer, which the sampling never sees), with a teacher of the student's tokenizer and with one of another tokenizer (which
-  scores the text the sampled ids spell);
+  alike at TP=2 (also with the fused output layer, which the sampling never sees), with a teacher of the
+  student's tokenizer and with one of another tokenizer (which scores the text the sampled ids spell);
 - with ``rollout.engine=server`` the student is served by the reference server the trainer starts, its
   weights pushed before each step's sampling, and trains alike at TP=2;
 - with ``rollout.seq_kd`` a teacher generates the completions the student learns on (one with the
@@ -59,8 +59,8 @@ def command(output: Path, url: str, *overrides: str, nproc: int = 1, config: Pat
 
 def run(output: Path, url: str, *overrides: str, nproc: int = 1, config: Path = SINGLE_CONFIG) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command(output, url, *overrides, nproc=nproc, config=config), capture_output=True, text=True,
-                              timeout=900, env=env)
+    finished = subprocess.run(command(output, url, *overrides, nproc=nproc, config=config), capture_output=True,
+                              text=True, timeout=900, env=env)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-5000:]
     return metrics(output)
 

@@ -626,7 +626,8 @@ def test_cli_creates_a_missing_output_directory_and_says_so(tmp_path: Path, caps
 
 def test_cli_refuses_an_output_that_is_a_directory(tmp_path: Path, capsys) -> None:
     student, teacher = tokenizer_dir("byte_level_bpe", 2000), tokenizer_dir("sentencepiece_bpe", 2000)
-    assert cli.main(["build-projection", "--student", str(student), "--teacher", str(teacher), "-o", str(tmp_path)]) == 1
+    arguments = ["build-projection", "--student", str(student), "--teacher", str(teacher), "-o", str(tmp_path)]
+    assert cli.main(arguments) == 1
     error = one_error_line(capsys.readouterr().err)
     assert f"-o {tmp_path}: is a directory; -o takes the projection file to write" in error
     assert list(tmp_path.iterdir()) == []

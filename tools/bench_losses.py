@@ -50,7 +50,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from bench_common import finish, init_megatron_tp1, machine, measure_own_peak, memory_figures, peak_memory, time_variants
+from bench_common import (finish, init_megatron_tp1, machine, measure_own_peak, memory_figures, peak_memory,
+                          time_variants)
 from tqdm import tqdm
 
 from megatron_mopd.crosstok import VocabProjection
@@ -278,7 +279,8 @@ def main() -> None:
         )
     finish(
         args, device, rows, evaluate_targets(rows), "targets",
-        lambda v: f"  {v['dtype']:<5} {v['target']:<34} measured {v['measured']:6.2f}   {'met' if v['met'] else 'NOT met'}",
+        lambda v: (f"  {v['dtype']:<5} {v['target']:<34} measured {v['measured']:6.2f}   "
+                   f"{'met' if v['met'] else 'NOT met'}"),
         projection_build=projection_build,
     )
 

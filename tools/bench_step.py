@@ -88,7 +88,8 @@ def main() -> int:
         return 0
     rows = {name: summarize(recs, 0) for name, recs in records.items()}
     sft_step = rows["sft"]["step"]
-    header = f"{'variant':<9}" + "".join(f"{p + ' ms':>20}" for p in PHASES) + f"{'step ms':>10}{'x SFT':>7}{'tok/s':>8}"
+    header = (f"{'variant':<9}" + "".join(f"{p + ' ms':>20}" for p in PHASES)
+              + f"{'step ms':>10}{'x SFT':>7}{'tok/s':>8}")
     print(header)
     print("-" * len(header))
     for name, row in rows.items():

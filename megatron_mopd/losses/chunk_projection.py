@@ -14,8 +14,9 @@ Projected probabilities: with W the student→teacher projection (≤ R entries 
     ∂L/∂z_i[v] = p_i[v] · (Σ_k g_i[k] W[v, J_k] − Σ_k g_i[k] q_i[k]) / τ,   g_i = (∂L/∂q̄_c(i)) / n_c
 
 Each rank projects its own rows of W — per group of rows, the entries of the group's teacher columns,
-gathered from W's local rows sorted by teacher id — and the per-position partial q_i are summed across ranks: one all-reduce of K values per position (identity
-backward: every rank back-propagates the same g into its own rows). Σ_k g_i[k] q_i[k] is the softmax
+gathered from W's local rows sorted by teacher id — and the per-position partial q_i are summed across
+ranks: one all-reduce of K values per position (identity backward: every rank back-propagates the same
+g into its own rows). Σ_k g_i[k] q_i[k] is the softmax
 normalizer's term, computed from the summed q_i, so backward needs no collective.
 
 Top list: the L largest entries of p̄_c = (1/n_c) Σ_{i∈c} p_i over the student ids not
@@ -138,7 +139,9 @@ def _row_groups(rows: torch.Tensor, count: torch.Tensor, rows_per_group: int) ->
     return tuple(groups)
 
 
-def _load_rows(work: torch.Tensor, logits_2d: torch.Tensor, group: RowGroup, num_valid: int, temperature: float) -> torch.Tensor:
+def _load_rows(
+    work: torch.Tensor, logits_2d: torch.Tensor, group: RowGroup, num_valid: int, temperature: float
+) -> torch.Tensor:
     """Write float32 ``z/τ`` of the group's rows (real columns) into ``work`` [rows, num_valid]; return it."""
     source = logits_2d[:, :num_valid]
     if isinstance(group.logits_rows, slice):
@@ -255,7 +258,8 @@ class _ColumnIndex:
         length = torch.searchsorted(self.teacher, used, right=True) - lo
         u = torch.repeat_interleave(torch.arange(used.numel(), device=used.device), length)
         # position of each entry: its column's first entry + its rank within the column
-        within = torch.arange(u.numel(), device=u.device) - torch.repeat_interleave(torch.cumsum(length, 0) - length, length)
+        starts = torch.repeat_interleave(torch.cumsum(length, 0) - length, length)
+        within = torch.arange(u.numel(), device=u.device) - starts
         at = lo[u] + within
         return _GroupEntries(self.student[at], u, self.weight[at], used.numel(), slot[row_chunks])
 
@@ -350,7 +354,8 @@ class _ChunkStatistics(torch.autograd.Function):
         grad = _empty_gradient(z, positions.rows, valid)
         groups = positions.groups if valid else ()
         in_place = z.dtype == torch.float32
-        workspace = _workspace(positions, valid, z.device) if groups and not (in_place and _all_contiguous(groups)) else None
+        needs_workspace = groups and not (in_place and _all_contiguous(groups))
+        workspace = _workspace(positions, valid, z.device) if needs_workspace else None
         for i, group in enumerate(groups):
             direct = in_place and isinstance(group.logits_rows, slice)
             out = grad[group.logits_rows, :valid] if direct else workspace[: group.size]

@@ -182,7 +182,8 @@ def gold_loss(
     # The rest: the student's largest probabilities over its non-common tokens, for ULD.
     student = setup.statistics(
         student_logits,
-        projection=ProjectionRequest(matched_teacher.ids, one_hot_ids, torch.ones((shard.local_size, 1), device=device)),
+        projection=ProjectionRequest(matched_teacher.ids, one_hot_ids,
+                                     torch.ones((shard.local_size, 1), device=device)),
         top_list=TopListRequest(one_hot_ids[:, 0] >= 0, teacher.ids.shape[1]),
     )
     matched_loss = _chunk_divergence(student.projected, matched_teacher, beta, tail)
@@ -198,7 +199,8 @@ class _CrossTokenizerInputs:
     """Validated shared inputs: the shard, the scored positions, their global logsumexp."""
 
     def __init__(
-        self, shard: VocabShard, positions: ScoredPositions, lse: torch.Tensor, rows: int, num_chunks: int, temperature: float
+        self, shard: VocabShard, positions: ScoredPositions, lse: torch.Tensor, rows: int, num_chunks: int,
+        temperature: float,
     ):
         self.shard, self.positions, self.lse, self.rows, self.num_chunks = shard, positions, lse, rows, num_chunks
         self.temperature = temperature

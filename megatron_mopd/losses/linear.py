@@ -278,7 +278,9 @@ class _OutputLayer:
 def _check_output_layer(hidden: torch.Tensor, weight: torch.Tensor, names: tuple[str, str]) -> None:
     hidden_name, weight_name = names
     if hidden.dim() < 2:
-        raise ValueError(f"{hidden_name} must be [..., H] with at least one position dimension, got {tuple(hidden.shape)}")
+        raise ValueError(
+            f"{hidden_name} must be [..., H] with at least one position dimension, got {tuple(hidden.shape)}"
+        )
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"{weight_name} must be [V_local, H] with the hidden size H={hidden.shape[-1]} of {hidden_name} "

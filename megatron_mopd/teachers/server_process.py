@@ -55,7 +55,8 @@ def teacher_server_process(
     become healthy within ``startup_timeout_s``.
     """
     port = free_loopback_port()
-    command = [sys.executable, "-m", "megatron_mopd.teachers.server", "--model", str(model_dir), "--port", str(port), *flags]
+    command = [sys.executable, "-m", "megatron_mopd.teachers.server", "--model", str(model_dir), "--port", str(port),
+               *flags]
     with _serving(command, port, "the teacher server", log_path, startup_timeout_s) as server:
         yield server
 

@@ -19,8 +19,8 @@ Layout on disk::
         step_0000100.tmp/           staging directory of a save in progress (or of a killed one)
 
 Atomicity: a save writes everything into the staging directory, all ranks synchronize, then global
-rank 0 renames it to its final name, rewrites ``latest`` (``files.atomic_write_text``: temporary file, fsync, rename) and
-only then deletes checkpoints beyond ``keep_last``. A save killed at any point therefore leaves the
+rank 0 renames it to its final name, rewrites ``latest`` (``files.atomic_write_text``: temporary file,
+fsync, rename) and only then deletes checkpoints beyond ``keep_last``. A save killed at any point therefore leaves the
 previous ``latest`` naming a complete checkpoint; the next save removes the leftover staging
 directory. ``latest_checkpoint`` also survives a missing or corrupt ``latest`` by falling back to the
 newest complete checkpoint.

@@ -154,7 +154,8 @@ class MetricsLogger:
 def format_record(record: dict[str, Any]) -> str:
     """One console line: step, loss, each teacher's divergence, lr, tokens/s, phase times."""
     parts = [f"step {record['step']:>5}", f"loss {_fmt(record['loss'])}"]
-    parts += [f"{name.split('/', 1)[1]} {_fmt(value)}" for name, value in record.items() if name.startswith("divergence/")]
+    parts += [f"{name.split('/', 1)[1]} {_fmt(value)}" for name, value in record.items()
+              if name.startswith("divergence/")]
     if record.get("sft/nll") is not None:
         parts.append(f"sft {_fmt(record['sft/nll'])}")
     parts.append(f"lr {record['lr']:.2e}")

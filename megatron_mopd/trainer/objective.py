@@ -22,8 +22,9 @@ Per-token teacher losses ℓ_t:
   A_i = stopgrad(log π_T(y_i) − log π_S(y_i)) and the truncated importance weight
   w_i = clip(π_S(y_i) / π_rollout(y_i), r_min, r_max) when the rollout's behaviour log-probabilities are
   known (1 for dataset and teacher completions); π_S there is the student at the temperature the
-  rollout sampled at, as π_rollout is, while the advantage compares raw (temperature 1) log-probabilities. A teacher log-probability of −inf (the teacher rules the token out)
-  is floored at ``MOPD_TEACHER_LOGPROB_FLOOR``. Its logged divergence is the sampled estimate of
+  rollout sampled at, as π_rollout is, while the advantage compares raw (temperature 1)
+  log-probabilities. A teacher log-probability of −inf (the teacher rules the token out) is floored at
+  ``MOPD_TEACHER_LOGPROB_FLOOR``. Its logged divergence is the sampled estimate of
   KL(S‖T), the mean of log π_S(y) − log π_T(y).
 
 The student's output is its logits shard, or with ``loss.fused_output_layer`` its output layer's

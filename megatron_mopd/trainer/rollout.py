@@ -158,7 +158,8 @@ class TeacherSamples:
     def _generate(self, teacher: SequenceTeacher, examples: list[Example], seq_length: int) -> list[Example]:
         prompts = [prompt_tokens(e, self.tokenizer, seq_length) for e in examples]
         if teacher.tokenizer is None:  # the student's vocabulary: train on the very ids the teacher chose
-            rollouts = _generate(teacher, [p.input_ids for _, p in prompts], _within(self.sampling, prompts, seq_length))
+            sampling = _within(self.sampling, prompts, seq_length)
+            rollouts = _generate(teacher, [p.input_ids for _, p in prompts], sampling)
             return [sampled_example(e, p, r.completion_ids, self.vocabulary, seq_length)
                     for e, p, r in zip(examples, prompts, rollouts)]
         own = [tokenize(render(e.sample, teacher.tokenizer, with_completion=False), teacher.tokenizer, 4 * seq_length)
