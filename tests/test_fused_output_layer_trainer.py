@@ -214,7 +214,8 @@ def forward_step_on_rank(tp: int) -> list[dict[str, Any]]:
 def forward_steps() -> dict[int, list[list[dict[str, Any]]]]:
     from megatron_mopd.testing import run_on_ranks
 
-    return {1: [forward_step_on_rank(1)], 2: run_on_ranks(forward_step_on_rank, 2, args=(2,), timeout_s=300)}
+    # TP=1 in its own process too: Megatron's CPU mode is process-wide and other tests check it is off
+    return {tp: run_on_ranks(forward_step_on_rank, tp, args=(tp,), timeout_s=300) for tp in (1, 2)}
 
 
 @pytest.mark.parametrize("tp", [1, 2])
