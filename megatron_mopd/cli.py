@@ -5,6 +5,7 @@
     mopd demo [--output DIR] [key=value ...]        (megatron_mopd/demo/__init__.py)
     mopd build-projection --student TOK --teacher TOK -o FILE   (megatron_mopd/crosstok/command.py)
     mopd serve-teacher --model DIR [--port ...]     (megatron_mopd/teachers/server.py)
+    mopd check-teacher URL... --topk K [...]        (megatron_mopd/teachers/check.py)
 
 The project's own errors (configuration, teacher, alignment, projection, a non-finite loss) and bad
 files end the command with one line on stderr and exit status 1, not a traceback (``MOPD_DEBUG=1``
@@ -27,6 +28,7 @@ COMMANDS = {
     "demo": ("megatron_mopd.demo", "the CPU demo: the trainer on the embedded default configuration"),
     "build-projection": ("megatron_mopd.crosstok.command", "build the cross-tokenizer vocabulary projection"),
     "serve-teacher": ("megatron_mopd.teachers.server", "serve a Hugging Face causal LM as a vLLM/SGLang teacher"),
+    "check-teacher": ("megatron_mopd.teachers.check", "probe teacher servers: health, top-K, speed, agreement"),
 }
 
 

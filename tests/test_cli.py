@@ -33,7 +33,7 @@ def assert_one_line_error(finished: subprocess.CompletedProcess, command: str, p
 
 def test_help_lists_the_commands_and_demo_help_shows_its_defaults() -> None:
     top = mopd("--help")
-    for command in ("train", "demo", "build-projection", "serve-teacher"):
+    for command in ("train", "demo", "build-projection", "serve-teacher", "check-teacher"):
         assert command in top.stdout
     demo = mopd("demo", "--help")
     assert demo.returncode == 0 and "runs/demo" in demo.stdout

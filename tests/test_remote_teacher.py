@@ -10,7 +10,9 @@ the real formats from a deterministic bigram model, scripted faults), the record
 from __future__ import annotations
 
 import gc
+import http.server
 import json
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
@@ -830,3 +832,67 @@ def test_reference_server_matches_the_model_in_process(reference_server, protoco
     fix = "start vLLM with --max-logprobs >= 9" if protocol == "vllm" else "lower topk"
     with pytest.raises(TeacherConfigError, match=rf"rejects top-9 log-probabilities \(HTTP 400: .*\): {fix}"):
         RemoteTeacher(url, protocol, topk=9, **FAST)
+
+
+# --- the request deadline: a server that trickles its answer -------------------------------------
+
+
+class _TrickleHandler(http.server.BaseHTTPRequestHandler):
+    """A vLLM server (the canned bigram model) that answers ``/health`` at once and, once its server's
+    ``trickling`` is set, sends each scoring answer a few bytes at a time: never silent for long (so no
+    socket timeout fires), never done in time."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:  # the base class's signature
+        pass
+
+    def do_GET(self) -> None:  # the base class's naming
+        self._answer(b"", trickle=False)
+
+    def do_POST(self) -> None:  # the base class's naming
+        request = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = orjson.dumps(vllm_completion_body(MODEL, request["prompt"], request["prompt_logprobs"]))
+        self._answer(body, trickle=self.server.trickling)  # type: ignore[attr-defined]
+
+    def _answer(self, body: bytes, trickle: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            for start in range(0, len(body), 4 if trickle else len(body) or 1):
+                self.wfile.write(body[start:start + (4 if trickle else len(body))])
+                self.wfile.flush()
+                if trickle:
+                    time.sleep(0.02)
+        except OSError:  # the client gave up
+            self.close_connection = True
+
+
+def test_a_request_outlasting_its_deadline_is_retried_then_fails_naming_the_deadline():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TrickleHandler)
+    server.daemon_threads = True
+    server.trickling = False  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with RemoteTeacher(url, "vllm", topk=4, model="m", timeout_s=2.0, retries=1, backoff_s=0.01,
+                           request_deadline_s=0.3) as teacher:
+            server.trickling = True  # type: ignore[attr-defined]
+            with pytest.raises(TeacherRequestError) as failure:
+                teacher.score([[1, 2, 3, 4, 5]])
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = str(failure.value)
+    assert "failed after 2 attempts" in message
+    assert message.count("not answered in full within request_deadline_s=0.3 s") == 2
+
+
+def test_the_request_deadline_defaults_to_twice_the_socket_timeout_and_must_be_positive():
+    with CannedServer() as server:
+        with RemoteTeacher(server.url, "vllm", topk=4, timeout_s=3.0) as teacher:
+            assert teacher.request_deadline_s == 6.0
+        with pytest.raises(ValueError, match="request_deadline_s must be > 0"):
+            RemoteTeacher(server.url, "vllm", topk=4, request_deadline_s=0.0)

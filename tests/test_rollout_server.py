@@ -20,6 +20,9 @@ model directory, spoken to in both protocols; at the end, a real vLLM server whe
   ``max_sequence_length`` ("length").
 - A sampling whose behaviour log-probabilities the server cannot return is refused on every rank.
 - A server killed while it samples gives a clear error on every rank after the retries, never a hang.
+- As a teacher, a real vLLM server scores top-K as the model does in-process, passes ``mopd
+  check-teacher``, refuses a K above its ``--max-logprobs`` with a clear ``TeacherConfigError`` at the
+  client's start, and, killed in the middle of a batch, fails the batch with an error naming it.
 """
 
 from __future__ import annotations
@@ -516,3 +519,101 @@ def test_vllm_rollouts_follow_the_new_weights_the_seed_and_the_stop_token(vllm_r
     for rollout in rollouts["long"]:
         assert len(rollout[0]) + len(rollout[1]) == MAX_SEQUENCE_LENGTH and rollout[3] == "length"
     assert "--logprobs-mode raw_logprobs" in vllm_results["refusal"]
+
+
+# --- a real vLLM server as a teacher ---------------------------------------------------------------
+
+VLLM_TOPK = 4  # the teacher server's --max-logprobs
+
+
+@pytest.fixture(scope="module")
+def vllm_teacher(tmp_path_factory) -> Any:
+    """A vLLM server (float32) on the tiny head_dim-64 Llama, served as "teacher", and the model's directory.
+    ``test_vllm_teacher_killed_in_the_middle_of_a_batch_*`` ends it: it must stay the last user."""
+    from megatron_mopd.teachers.server_process import vllm_server_process
+
+    root = tmp_path_factory.mktemp("teacher_vllm")
+    path = vllm_model_dir(root / "teacher")
+    flags = ("--max-model-len", "64", "--enforce-eager", "--max-logprobs", str(VLLM_TOPK),
+             "--served-model-name", "teacher")
+    with vllm_server_process(path, *flags, log_path=root / "vllm.log",
+                             env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
+        yield server, path
+
+
+def random_token_sequences(count: int, length: int, seed: int) -> list[list[int]]:
+    return np.random.default_rng(seed).integers(0, 2000, (count, length)).tolist()
+
+
+@needs_vllm
+def test_vllm_teacher_scores_top_k_like_the_model_in_process(vllm_teacher: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from megatron_mopd.teachers import RemoteTeacher
+
+    server, path = vllm_teacher
+    sequences = [FIXED_SEQUENCE, *random_token_sequences(3, 20, seed=5)]
+    with RemoteTeacher(server.url, "vllm", topk=VLLM_TOPK, max_sequences_per_request=2, timeout_s=120) as teacher:
+        assert teacher.model == "teacher"
+        scored = teacher.score(sequences)
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    for index, tokens in enumerate(sequences):
+        with torch.no_grad():
+            logprobs = model(torch.tensor([tokens])).logits[0, :-1].float().log_softmax(-1)
+        top, n = logprobs.topk(VLLM_TOPK, dim=-1), len(tokens) - 1
+        torch.testing.assert_close(scored.topk_logprobs[index, :n], top.values, rtol=0, atol=TOLERANCE)
+        assert torch.equal(scored.topk_ids[index, :n], top.indices)
+        torch.testing.assert_close(scored.token_logprobs[index, :n], logprobs[torch.arange(n), tokens[1:]],
+                                   rtol=0, atol=TOLERANCE)
+
+
+@needs_vllm
+def test_vllm_teacher_k_above_max_logprobs_is_a_clear_config_error_at_start(vllm_teacher: Any) -> None:
+    from megatron_mopd.teachers import RemoteTeacher, TeacherConfigError
+
+    server, _ = vllm_teacher
+    k = VLLM_TOPK + 1
+    with pytest.raises(TeacherConfigError, match=rf"rejects top-{k} log-probabilities \(HTTP 400: .*max allowed: "
+                                                 rf"{VLLM_TOPK}.*\): start vLLM with --max-logprobs >= {k}"):
+        RemoteTeacher(server.url, "vllm", topk=k, timeout_s=120)
+
+
+@needs_vllm
+def test_vllm_teacher_passes_check_teacher_and_k_above_its_limit_fails_it(vllm_teacher: Any, capsys) -> None:
+    from megatron_mopd.cli import main
+    from megatron_mopd.teachers.check import check_servers
+
+    server, _ = vllm_teacher
+    small = dict(batch_sequences=4, sequence_tokens=32, latency_repeats=2, timeout_s=120.0)
+    first, again = check_servers([server.url, server.url], VLLM_TOPK, **small)
+    assert first.fit and again.fit, (first.problem, again.problem)
+    assert first.model == "teacher" and first.max_logprobs == f">= {VLLM_TOPK}" and first.tokens_per_s > 0
+    assert again.compared_with == server.url and again.max_abs_diff <= 1e-2
+    flags = ["--batch-sequences", "4", "--sequence-tokens", "32", "--latency-repeats", "2"]
+    assert main(["check-teacher", server.url, "--topk", str(VLLM_TOPK + 1), *flags]) == 1
+    out = capsys.readouterr().out
+    assert f"unfit: {server.url}: K={VLLM_TOPK + 1} is above its max logprobs ({VLLM_TOPK})" in out
+
+
+@needs_vllm
+def test_vllm_teacher_killed_in_the_middle_of_a_batch_fails_the_batch_naming_it(vllm_teacher: Any) -> None:
+    """Last of the module: it ends the server (and its engine process) with SIGKILL."""
+    import psutil
+
+    from megatron_mopd.teachers import RemoteTeacher, TeacherRequestError
+
+    server, _ = vllm_teacher
+    sequences = random_token_sequences(256, 48, seed=6)
+    with RemoteTeacher(server.url, "vllm", topk=VLLM_TOPK, max_sequences_per_request=1, retries=1,
+                       backoff_s=0.01, timeout_s=120) as teacher:
+        future = teacher.submit(sequences)
+        for process in [*psutil.Process(server.process.pid).children(recursive=True),
+                        psutil.Process(server.process.pid)]:
+            process.kill()
+        server.process.wait()
+        with pytest.raises(TeacherRequestError) as failure:
+            future.result(timeout=300)
+    message = str(failure.value)
+    assert "failed after 2 attempts" in message and f"at {server.url}: " in message
+    assert any(cause in message for cause in ("ConnectionRefusedError", "RemoteDisconnected", "ConnectionResetError",
+                                              "IncompleteRead", "BrokenPipeError")), message

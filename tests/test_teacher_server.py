@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megatron_mopd.teachers.server import TeacherServer
+from megatron_mopd.teachers.server_engine import score_rows
 from megatron_mopd.demo.models import tiny_causal_lm_dir
 from megatron_mopd.teachers.server_process import teacher_server_process
 
@@ -102,9 +103,20 @@ def _check_vllm(entries: list, prompt: list[int], reference, k: int) -> int:
             assert entry[str(i)]["logprob"] == pytest.approx(value, abs=ATOL)
             assert entry[str(i)]["decoded_token"] == tokenizer.decode([i])
         assert entry[str(actual)]["logprob"] == pytest.approx(row[actual].item(), abs=ATOL)
-        assert entry[str(actual)]["rank"] == 1 + int((row > row[actual]).sum())
+        assert entry[str(actual)]["rank"] == int((row >= row[actual]).sum())  # vLLM's: ties rank last
         in_top += actual in top.indices.tolist()
     return in_top
+
+
+def test_a_token_tied_with_others_takes_the_last_of_their_ranks_as_in_vllm() -> None:
+    """vLLM's rank (``batched_count_greater_than`` in vllm/v1/sample/ops/logprobs.py, ``(x >= token).sum()``):
+    the number of ids at least as probable as the token, itself included."""
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0],  # id 2 tied with ids 1 and 3, below id 0
+                           [0.5, 0.5, 0.5, 0.5, 0.5],  # all tied
+                           [3.0, 1.0, 1.0, 0.0, float("-inf")]])  # an impossible id ties with nothing
+    rows = score_rows(logits, torch.tensor([2, 0, 4]), k=2)
+    assert rows.ranks == [4, 5, 5]
+    assert rows.logprobs[2] == float("-inf")  # kept: the wire protocol encodes it
 
 
 def test_health_and_models(server) -> None:

@@ -38,6 +38,12 @@ parse, is never undone; see ``_gc_paused``.
             (a null first, above finite entries, is an error; a position of nulls only has no
             distribution). The actual token's null reads as −inf (JSON cannot tell it from a NaN).
 
+Servers use the same protocol objects for the other direction (``teachers.server``, the reference
+server, and ``testing.canned_server``): ``scoring_fields`` reads where a scoring request carries its
+prompts and K (each server validates them with its own messages), ``render_scores`` writes one
+prompt's ``ScoredPositions`` as the response carries them, and ``wire_logprob`` is the protocol's one
+encoding of −inf (vLLM −9999.0, SGLang null), so a rendered body parses back to the scores it renders.
+
 Generation (``generation_request`` / ``parse_generation``): one prompt per request, since both servers
 seed a request's prompts alike (identical prompts with one seed would give identical completions).
 The completion ids, the log-probability of each sampled id and the finish reason are read and checked
@@ -66,13 +72,14 @@ ids; "stop" ends on a stop id, and no stop id comes before the end).
 from __future__ import annotations
 
 import gc
+import math
 import threading
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from operator import itemgetter
-from typing import Any, Iterator, Literal, Optional, Sequence
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import orjson
@@ -81,6 +88,7 @@ from megatron_mopd.rollout.types import SamplingParams
 
 ProtocolName = Literal["vllm", "sglang"]
 TokenIds = Sequence[Sequence[int]]
+TokenTexts = Callable[[int], Optional[str]]  # the decoded text a server writes beside a token id
 
 NEG_INF_ENCODING = -9999.0  # vLLM clamps log-probabilities to this value so that JSON can carry them
 LOGPROB_TOLERANCE = 1e-3  # a log-probability above this is an error (rounding may leave a little above 0)
@@ -133,6 +141,20 @@ class ScoredRows:
 
 
 @dataclass(frozen=True)
+class ScoredPositions:
+    """What a server computed for consecutive positions of one sequence, before any wire encoding:
+    entry i scores ``tokens[i]``: its log-probability ``logprobs[i]`` (−inf: probability 0), its 1-based
+    rank in the vocabulary ``ranks[i]`` (vLLM's rule: the number of ids at least as probable, ties last),
+    and the K most probable ids ``top_ids[i]`` with their ``top_logprobs[i]``, most probable first."""
+
+    tokens: Sequence[int]
+    logprobs: Sequence[float]
+    ranks: Sequence[int]
+    top_ids: Sequence[Sequence[int]]
+    top_logprobs: Sequence[Sequence[float]]
+
+
+@dataclass(frozen=True)
 class Generated:
     """One completion as a server returned it: the sampled ``ids``, float32 ``logprobs [len(ids)]``,
     ``finish_reason`` ("stop" or "length") and the decoded ``text`` (None when the server gave none)."""
@@ -145,14 +167,33 @@ class Generated:
 
 class WireProtocol(ABC):
     """One server dialect: the scoring endpoint (also the generation endpoint), its request bodies and
-    their response parsers."""
+    their response parsers (client side), and the reading of scoring requests and the rendering of
+    their scores (server side)."""
 
     name: str
     path: str
+    prompts_field: str  # the request field holding the token sequences
+    k_field: str  # the request field holding K
 
     @abstractmethod
     def request(self, sequences: TokenIds, k: int, model: Optional[str]) -> bytes:
         """The JSON body asking for the top-``k`` prompt log-probabilities of every sequence."""
+
+    def scoring_fields(self, request: dict[str, Any]) -> tuple[Any, Any]:
+        """The prompts and K of a decoded scoring request, as sent (None where absent): the server
+        checks them."""
+        return request.get(self.prompts_field), request.get(self.k_field)
+
+    @abstractmethod
+    def wire_logprob(self, value: float) -> Optional[float]:
+        """``value`` as this protocol writes a log-probability (its encoding of −inf)."""
+
+    @abstractmethod
+    def render_scores(self, prompt: Sequence[int], scored: ScoredPositions,
+                      texts: Optional[TokenTexts] = None) -> dict[str, list]:
+        """The fields of one result of a scoring response that carry the scores of ``prompt`` (``scored``
+        scores ``prompt[1:]``, its ``tokens``; ``texts`` gives each id's decoded text, None: null), as the
+        real server writes them; ``parse`` reads them back."""
 
     def parse(self, body: bytes, sequences: TokenIds, k: int, vocab_size: Optional[int] = None) -> ScoredRows:
         """The rows of ``body``, the response to ``request(sequences, k, ...)``; raises ResponseMismatch.
@@ -196,13 +237,34 @@ class WireProtocol(ABC):
 
 class VLLMProtocol(WireProtocol):
     name, path = "vllm", "/v1/completions"
+    prompts_field, k_field = "prompt", "prompt_logprobs"
 
     def request(self, sequences: TokenIds, k: int, model: Optional[str]) -> bytes:
         if model is None:
             raise TeacherConfigError("the vLLM protocol needs a model name")
         return orjson.dumps(
-            {"model": model, "prompt": sequences, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": k}
+            {"model": model, self.prompts_field: sequences, "max_tokens": 1, "temperature": 1.0, self.k_field: k}
         )
+
+    def wire_logprob(self, value: float) -> Optional[float]:
+        """vLLM's clamp: ≤ −9999 (−inf included) is written −9999.0."""
+        return max(value, NEG_INF_ENCODING)
+
+    def render_scores(self, prompt: Sequence[int], scored: ScoredPositions,
+                      texts: Optional[TokenTexts] = None) -> dict[str, list]:
+        """``prompt_logprobs``: null, then per position a dict keyed by token id strings, the actual token
+        first (its rank) and then the top K (ranks 1..K; an actual token among them takes its place
+        there, first in the dict), each ``{"logprob", "rank", "decoded_token"}``."""
+        text = texts or _no_text
+        wire = self.wire_logprob
+        entries: list[Optional[dict]] = [None]
+        for token, logprob, rank, top_ids, top_logprobs in zip(
+                scored.tokens, scored.logprobs, scored.ranks, scored.top_ids, scored.top_logprobs):
+            entry = {str(token): {"logprob": wire(logprob), "rank": rank, "decoded_token": text(token)}}
+            for r, (i, v) in enumerate(zip(top_ids, top_logprobs), 1):
+                entry[str(i)] = {"logprob": wire(v), "rank": r, "decoded_token": text(i)}
+            entries.append(entry)
+        return {"prompt_logprobs": entries}
 
     def _parse(self, body: bytes, sequences: TokenIds, k: int, vocab_size: Optional[int]) -> ScoredRows:
         per_sequence = self._prompt_logprobs(_loads(body), sequences)
@@ -258,7 +320,8 @@ class VLLMProtocol(WireProtocol):
             row = int(short[0])
             raise locate.mismatch(row, f"the actual token {actual[row]} has rank {actual_ranks[row]} > {k} but "
                                        f"only {k} entries came: one of the top {k} is missing")
-        return _top_k(locate, table_logprobs, table_ids, table_logprobs[every, column], k)
+        served_order = np.where(table_ids < 0, np.iinfo(np.int64).max, table_ranks)  # no entry: last
+        return _top_k(locate, table_logprobs, table_ids, table_logprobs[every, column], k, served_order)
 
     def generation_request(self, prompt: Sequence[int], sampling: SamplingParams, seed: int,
                            model: Optional[str]) -> bytes:
@@ -333,17 +396,40 @@ class VLLMProtocol(WireProtocol):
 
 class SGLangProtocol(WireProtocol):
     name, path = "sglang", "/generate"
+    prompts_field, k_field = "input_ids", "top_logprobs_num"
 
     def request(self, sequences: TokenIds, k: int, model: Optional[str]) -> bytes:
         return orjson.dumps(
             {
-                "input_ids": sequences,
+                self.prompts_field: sequences,
                 "sampling_params": {"max_new_tokens": 0},
                 "return_logprob": True,
                 "logprob_start_len": 0,
-                "top_logprobs_num": k,
+                self.k_field: k,
             }
         )
+
+    def wire_logprob(self, value: float) -> Optional[float]:
+        """orjson's writing of a non-finite float: null."""
+        return value if math.isfinite(value) else None
+
+    def render_scores(self, prompt: Sequence[int], scored: ScoredPositions,
+                      texts: Optional[TokenTexts] = None) -> dict[str, list]:
+        """``input_token_logprobs`` (``[null, id, text]`` for the first token) and ``input_top_logprobs``
+        (null for the first token), as ``entries`` writes the others."""
+        text = texts or _no_text
+        token_entries, top_entries = self.entries(scored, texts)
+        return {"input_token_logprobs": [[None, prompt[0], text(prompt[0])], *token_entries],
+                "input_top_logprobs": [None, *top_entries]}
+
+    def entries(self, scored: ScoredPositions, texts: Optional[TokenTexts] = None) -> tuple[list, list]:
+        """SGLang's ``[logprob, id, text]`` per scored token and ``[[logprob, id, text] × K]`` (its top K)
+        per scored token (the ``*_token_logprobs`` and ``*_top_logprobs`` of prompts and outputs)."""
+        text, wire = texts or _no_text, self.wire_logprob
+        token_entries = [[wire(v), token, text(token)] for token, v in zip(scored.tokens, scored.logprobs)]
+        top_entries = [[[wire(v), i, text(i)] for i, v in zip(top_ids, top_logprobs)]
+                       for top_ids, top_logprobs in zip(scored.top_ids, scored.top_logprobs)]
+        return token_entries, top_entries
 
     def _parse(self, body: bytes, sequences: TokenIds, k: int, vocab_size: Optional[int]) -> ScoredRows:
         token_lists, top_lists = self._meta_lists(_loads(body), sequences)
@@ -473,6 +559,11 @@ def get_protocol(name: str) -> WireProtocol:
     return PROTOCOLS[name]
 
 
+def protocol_at(path: str) -> Optional[WireProtocol]:
+    """The protocol whose scoring endpoint is ``path`` (None: no protocol's)."""
+    return next((p for p in PROTOCOLS.values() if p.path == path), None)
+
+
 def excerpt(body: bytes, limit: int = _EXCERPT_CHARS) -> str:
     """The start of a response body, for error messages."""
     text = body[:limit].decode("utf-8", errors="replace")
@@ -530,13 +621,18 @@ def _check_entries(locate: _RowLocator, logprobs: np.ndarray, ids: np.ndarray, v
 
 
 def _top_k(locate: _RowLocator, logprobs: np.ndarray, ids: np.ndarray, token_logprobs: np.ndarray,
-           k: int) -> ScoredRows:
-    """The K largest of each row of ``[N, W]`` candidates, most probable first (ties keep column order);
+           k: int, tiebreak: Optional[np.ndarray] = None) -> ScoredRows:
+    """The K largest of each row of ``[N, W]`` candidates, most probable first; ties go to the smaller
+    ``tiebreak`` (vLLM: the rank the server gave, so its top K and their order stand, an actual token
+    outside them ranking after them), else keep column order;
     log-probabilities ≤ −9999 (vLLM's encoding of −inf, also used by some SGLang-style servers) → −inf.
     A row whose most probable candidate is not finite (all −inf / null) is an error: no distribution."""
     for array in (logprobs, token_logprobs):
         array[array <= NEG_INF_ENCODING] = -np.inf
-    order = np.argsort(-logprobs, axis=1, kind="stable")[:, :k]
+    if tiebreak is None:
+        order = np.argsort(-logprobs, axis=1, kind="stable")[:, :k]
+    else:
+        order = np.lexsort((tiebreak, -logprobs), axis=1)[:, :k]
     top_logprobs = np.ascontiguousarray(np.take_along_axis(logprobs, order, axis=1))
     empty = np.flatnonzero(~np.isfinite(top_logprobs[:, 0]))
     if empty.size:
@@ -631,6 +727,10 @@ def _decimal_ids(joined: str, count: int) -> Optional[np.ndarray]:
         return None
     ids = np.fromstring(joined, np.int64, sep=",")
     return ids if ids.size == count and (ids < 2 ** 62).all() else None
+
+
+def _no_text(token: int) -> None:
+    return None
 
 
 def _types(values: list) -> set[type]:

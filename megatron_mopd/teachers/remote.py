@@ -10,11 +10,15 @@ sequence's end (``valid`` False) hold −inf log-probabilities, id 0 and a token
 as the colocated teacher's do, so ``(token_logprobs * valid).sum()`` is finite; in a valid row the
 token log-probability is −inf when the teacher gives the actual token probability 0.
 
-Failures. Timeouts (``timeout_s`` per socket operation), connection errors, 5xx and 429 are retried
+Failures. Timeouts, connection errors, 5xx and 429 are retried
 ``retries`` times with jittered exponential backoff (``backoff_s · 2^i · U(0.5, 1.5)``), on another
 server when there is one; a server that just failed is passed over for ``cooldown_s``. Other 4xx fail
 at once. Either way a ``TeacherRequestError`` names the server(s), the request size, the attempts and
-their causes. A response that does not match its request raises ``TeacherResponseError`` (not retried:
+their causes. There are two timeouts: ``timeout_s`` bounds each socket operation (the connect,
+each send, each wait for data), and ``request_deadline_s`` (default ``2 · timeout_s``) the whole
+exchange of one attempt (connect, send and the entire response), so a server that trickles its answer
+cannot hold a request for long; a request past its deadline is a timeout like the other, its cause
+naming the deadline. A response that does not match its request raises ``TeacherResponseError`` (not retried:
 the server answered, wrongly), naming the server, request, sequence, token position and the defect.
 
 Start-up (``check``, run by the constructor and again whenever the caller wants): ``GET /health`` on
@@ -33,15 +37,18 @@ Generation (``generate``: a served student's rollouts, or a teacher's completion
 KD): one request per prompt (``protocols``: the servers seed all prompts of a request alike), each with
 its own seed drawn from ``(sampling.seed, prompt index)``, sent from the same pool with the same load
 balancing, retries, timeouts and errors as scoring. ``timeout_s`` bounds each wait for data, and a
-server answers a generation only once it is complete: it must exceed the time of the longest one.
+server answers a generation only once it is complete: it, and ``request_deadline_s``, must exceed the
+time of the longest one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import random
 import re
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -92,6 +99,7 @@ class _Server:
         return cls(url.rstrip("/"), parts.scheme == "https", parts.hostname, parts.port, parts.path.rstrip("/"))
 
     def connection(self, timeout: float) -> http.client.HTTPConnection:
+        """A new (unconnected) connection whose socket operations each time out after ``timeout`` s."""
         kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
         return kind(self.host, self.port, timeout=timeout)
 
@@ -158,6 +166,9 @@ class RemoteTeacher:
             sequence goes alone).
         max_in_flight_per_server: concurrent requests per server.
         timeout_s: socket timeout of each request (connect, send, each wait for data).
+        request_deadline_s: the most one attempt of a request may take in all (connect, send and the entire
+            response), however the server paces its bytes; past it the attempt is a timeout (retried).
+            None: ``2 * timeout_s``.
         retries, backoff_s: retries of a failed request, and the base of their exponential backoff.
         tokenizer: the teacher's fast tokenizer, for ``submit_texts`` / ``score_texts``.
         wait_for_servers_s: at start-up, keep polling ``/health`` this long until every server answers.
@@ -188,6 +199,7 @@ class RemoteTeacher:
         tokenizer: Any = None,
         wait_for_servers_s: float = 0.0,
         vocab_size: Optional[int] = None,
+        request_deadline_s: Optional[float] = None,
     ):
         for name, value in (("topk", topk), ("max_sequences_per_request", max_sequences_per_request),
                             ("max_tokens_per_request", max_tokens_per_request),
@@ -197,6 +209,8 @@ class RemoteTeacher:
         if timeout_s <= 0 or retries < 0 or backoff_s < 0:
             raise ValueError(f"need timeout_s > 0, retries >= 0, backoff_s >= 0; got {timeout_s}, {retries}, "
                              f"{backoff_s}")
+        if request_deadline_s is not None and not request_deadline_s > 0:
+            raise ValueError(f"request_deadline_s must be > 0 or None, got {request_deadline_s}")
         if tokenizer is not None and not getattr(tokenizer, "is_fast", False):
             raise ValueError("text mode needs a fast (Rust) tokenizer: it reads character offsets")
         self.protocol = get_protocol(protocol)
@@ -207,6 +221,7 @@ class RemoteTeacher:
         self.max_sequences_per_request, self.max_tokens_per_request = max_sequences_per_request, max_tokens_per_request
         self.max_in_flight_per_server = max_in_flight_per_server
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self.request_deadline_s = 2.0 * timeout_s if request_deadline_s is None else float(request_deadline_s)
         self._servers = [_Server.from_url(url) for url in ([urls] if isinstance(urls, str) else urls)]
         if not self._servers:
             raise ValueError("no teacher server URL given")
@@ -339,7 +354,7 @@ class RemoteTeacher:
         try:
             status, body = self._once(server, "GET", "/health", timeout=min(self.timeout_s, 30.0))
         except (OSError, http.client.HTTPException) as exc:
-            return _describe(exc, min(self.timeout_s, 30.0))
+            return self._describe(exc, min(self.timeout_s, 30.0))
         return None if status == 200 else f"HTTP {status}: {excerpt(body)}"
 
     def _discover_model(self, server: _Server) -> str:
@@ -349,7 +364,7 @@ class RemoteTeacher:
             if status == 200:
                 return str(orjson.loads(body)["data"][0]["id"])
         except (OSError, http.client.HTTPException) as exc:
-            cause = _describe(exc, self.timeout_s)
+            cause = self._describe(exc)
         except (orjson.JSONDecodeError, LookupError, TypeError):
             cause = f"unexpected body {excerpt(body)}"
         raise TeacherConfigError(f"{server.url}/v1/models gave no model name ({cause}); pass "
@@ -364,7 +379,7 @@ class RemoteTeacher:
                                       self.protocol.request(_PROBE, self.topk, self.model))
         except (OSError, http.client.HTTPException) as exc:
             raise TeacherRequestError(f"{where}: the start-up probe (top-{self.topk}) failed: "
-                                      f"{_describe(exc, self.timeout_s)}") from None
+                                      f"{self._describe(exc)}") from None
         if status == 200:
             try:
                 self.protocol.parse(body, _PROBE, self.topk)
@@ -438,11 +453,11 @@ class RemoteTeacher:
             server = self._acquire(avoid=server)
             status, cause, reply = None, None, b""
             try:
-                status, reply = self._exchange(server, body)
+                status, reply = self._exchange(server, body, time.monotonic() + self.request_deadline_s)
                 if not 200 <= status < 300:
                     cause = f"HTTP {status}: {excerpt(reply)}"
             except (OSError, http.client.HTTPException) as exc:
-                cause = _describe(exc, self.timeout_s)
+                cause = self._describe(exc)
             finally:
                 self._release(server, failed=status is None or status >= 500 or status == 429)
             if cause is None:
@@ -483,27 +498,27 @@ class RemoteTeacher:
                 server.down_until = time.monotonic() + self.cooldown_s
             self._cond.notify_all()
 
-    def _exchange(self, server: _Server, body: bytes, fresh: bool = False) -> tuple[int, bytes]:
-        """POST on this thread's keep-alive connection to ``server``; a stale one is replaced once."""
+    def _exchange(self, server: _Server, body: bytes, deadline: float, fresh: bool = False) -> tuple[int, bytes]:
+        """POST on this thread's keep-alive connection to ``server``, done by ``deadline`` (``time.monotonic``)
+        or ``_DeadlineExceeded``; a stale connection is replaced once, within the same deadline."""
         connections: dict[str, http.client.HTTPConnection] = self._local.__dict__.setdefault("connections", {})
         connection = None if fresh else connections.get(server.url)
         reused = connection is not None
         if connection is None:
-            connection = connections[server.url] = server.connection(self.timeout_s)
+            connection = connections[server.url] = server.connection(min(self.timeout_s, self.request_deadline_s))
             with self._cond:
                 self._connections.add(connection)
         try:
-            connection.request("POST", server.base_path + self.protocol.path, body=body, headers=_JSON_HEADERS)
-            response = connection.getresponse()
-            reply = response.read()
+            status, reply, will_close = _exchange_by(connection, "POST", server.base_path + self.protocol.path, body,
+                                                     deadline)
         except BaseException as exc:
             self._drop(connections, server, connection)
             if reused and isinstance(exc, _STALE_CONNECTION):
-                return self._exchange(server, body, fresh=True)
+                return self._exchange(server, body, deadline, fresh=True)
             raise
-        if response.will_close:
+        if will_close:
             self._drop(connections, server, connection)
-        return response.status, reply
+        return status, reply
 
     def _drop(self, connections: dict[str, http.client.HTTPConnection], server: _Server,
               connection: http.client.HTTPConnection) -> None:
@@ -516,14 +531,22 @@ class RemoteTeacher:
 
     def _once(self, server: _Server, method: str, path: str, body: Optional[bytes] = None,
               timeout: Optional[float] = None) -> tuple[int, bytes]:
-        """One request on a fresh connection (start-up checks)."""
-        connection = server.connection(self.timeout_s if timeout is None else timeout)
+        """One request on a fresh connection (start-up checks), within ``request_deadline_s`` like any other."""
+        connection = server.connection(min(self.timeout_s if timeout is None else timeout, self.request_deadline_s))
         try:
-            connection.request(method, server.base_path + path, body=body, headers=_JSON_HEADERS if body else {})
-            response = connection.getresponse()
-            return response.status, response.read()
+            status, reply, _ = _exchange_by(connection, method, server.base_path + path, body,
+                                            time.monotonic() + self.request_deadline_s)
+            return status, reply
         finally:
             connection.close()
+
+    def _describe(self, exc: BaseException, timeout_s: Optional[float] = None) -> str:
+        """The cause of a failed exchange, for an error message (``timeout_s``: the socket timeout it had)."""
+        if isinstance(exc, _DeadlineExceeded):
+            return f"timed out (not answered in full within request_deadline_s={self.request_deadline_s:g} s)"
+        if isinstance(exc, TimeoutError):
+            return f"timed out (no data for {self.timeout_s if timeout_s is None else timeout_s:g} s)"
+        return f"{type(exc).__name__}: {exc}"
 
 
 def _token_tuples(sequences: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
@@ -537,7 +560,57 @@ def _token_tuples(sequences: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], 
     return tuple(result)
 
 
-def _describe(exc: BaseException, timeout_s: float) -> str:
-    if isinstance(exc, TimeoutError):
-        return f"timed out (no data for {timeout_s:g} s)"
-    return f"{type(exc).__name__}: {exc}"
+class _DeadlineExceeded(TimeoutError):
+    """An exchange outlasted its request deadline (a ``TimeoutError``: retried like any timeout)."""
+
+
+class _Watchdog:
+    """Shuts a connection's socket down once a deadline passes, which ends the connect, send or wait for
+    data in progress on it at once; ``finish`` disarms it and says whether it fired."""
+
+    def __init__(self, connection: http.client.HTTPConnection, seconds: float):
+        self._connection = connection
+        self._lock = threading.Lock()
+        self._done = self.fired = False
+        self._timer = threading.Timer(max(seconds, 0.0), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.fired = True
+            sock = self._connection.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> bool:
+        self._timer.cancel()
+        with self._lock:
+            self._done = True
+            return self.fired
+
+
+def _exchange_by(connection: http.client.HTTPConnection, method: str, path: str, body: Optional[bytes],
+                 deadline: float) -> tuple[int, bytes, bool]:
+    """One request on ``connection``, answered in full by ``deadline`` (``time.monotonic``): the status, the
+    body, and whether the server closes the connection. Raises ``_DeadlineExceeded`` once the deadline
+    passed (the connection is then unusable), else what ``http.client`` raises."""
+    watchdog = _Watchdog(connection, deadline - time.monotonic())
+    try:
+        if connection.sock is None:
+            connection.connect()  # bounded by the socket timeout, itself at most the deadline
+        if watchdog.fired:  # it fired during the connect, before there was a socket to shut down
+            raise _DeadlineExceeded()
+        connection.request(method, path, body=body, headers=_JSON_HEADERS if body is not None else {})
+        response = connection.getresponse()
+        reply = response.read()
+    except BaseException as exc:
+        if watchdog.finish():
+            raise _DeadlineExceeded() from exc
+        raise
+    if watchdog.finish():  # a body read to the end of a shut-down connection may be cut short
+        raise _DeadlineExceeded()
+    return response.status, reply, response.will_close

@@ -19,17 +19,15 @@ in-process:
   ``POST /update_weights_from_disk {"model_path": DIR}`` (answered as SGLang does: ``success``,
   ``message``, ``num_paused_requests``; 400 with ``success: false`` when the directory cannot be loaded).
 
-The prompts of one request go through one forward (right-padded: a real position never sees a pad,
-so each prompt's logits are those of running it alone); log-probabilities are float32 log_softmax of
-the logits, −inf sent as −9999.0 (as vLLM does; SGLang would send null). ``max_tokens`` > 0 continues
-from the same forward with a KV cache, greedily when the temperature is 0 (< 1e-5, like vLLM), else
-sampling at that temperature with one generator per prompt seeded by ``seed`` (so a prompt's sample
-does not depend on its batch; identical prompts with one seed give identical completions, as in vLLM):
-top-k, then top-p (vLLM's order: ties with the k-th logit stay, the most probable id always stays),
-renormalized, one ``torch.multinomial`` draw. Generation stops after an end-of-sequence id of the
-generation config or the tokenizer, or after a ``stop_token_ids`` id (vLLM: ``finish_reason`` "stop",
-``stop_reason`` the id; EOS gives ``stop_reason`` null). ``ignore_eos`` drops the end-of-sequence ids
-(vLLM; SGLang drops the ``stop_token_ids`` too, as SGLang does).
+The model runs in ``teachers.server_engine`` (one forward per request, scoring, sampling, weight
+reloads); this module is its HTTP front: routing, the protocols' request options, JSON errors, the
+response bodies (the prompt scores rendered by ``teachers.protocols``, so −inf is −9999.0 for vLLM and
+null for SGLang, as the real servers write it) and the limits below. Each prompt token's ``rank`` is
+vLLM's: the number of vocabulary ids at least as probable, so tied tokens take the last of their ranks.
+Generation stops after an end-of-sequence id of the generation config or the tokenizer, or after a
+``stop_token_ids`` id (vLLM: ``finish_reason`` "stop", ``stop_reason`` the id; EOS gives
+``stop_reason`` null). ``ignore_eos`` drops the end-of-sequence ids (vLLM; SGLang drops the
+``stop_token_ids`` too, as SGLang does).
 
 Generated-token log-probabilities are what the real servers return. vLLM (``choices[i].logprobs``:
 ``tokens``, ``token_logprobs``, ``top_logprobs`` with the sampled token first, then the top
@@ -42,10 +40,6 @@ truncated ids −9999.0); in greedy requests both are those of the raw logits.
 log_softmax(logits / temperature), before truncation (SGLang's default; raw logits when greedy).
 Request options that would change the result but are not implemented (``n``, ``stop``, penalties,
 ``stream``, SGLang's ``top_p``, ...) are refused with 400 rather than ignored.
-
-Weight updates load the directory (``AutoModelForCausalLM``) without the model lock, then swap it in
-under the lock: a request runs wholly on the old or wholly on the new weights. The new model must
-have the served vocabulary size.
 
 One lock serializes the model; parsing, the response bodies and ``--delay-ms`` (latency added to each
 scoring/generation request, before it takes the lock) run concurrently on a ``ThreadingHTTPServer``
@@ -66,20 +60,18 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 import orjson
-import torch
+
+from megatron_mopd.teachers.protocols import SGLangProtocol, VLLMProtocol
+from megatron_mopd.teachers.server_engine import DTYPES, RequestError, Result, Rows, Sampling, TeacherEngine
 
 log = logging.getLogger(__name__)
 
-_NEG_INF_WIRE = -9999.0
-_GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: smaller temperatures are greedy
-_ROWS_PER_CHUNK = 1024  # rows of float32 log_softmax held at once
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_VLLM, _SGLANG = VLLMProtocol(), SGLangProtocol()
 _ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError",
                 500: "InternalServerError"}
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")  # vLLM's --logprobs-mode values served here
@@ -97,82 +89,6 @@ _NEUTRAL = {
     "min_tokens": (0,), "min_new_tokens": (0,), "logit_bias": ({},), "regex": (), "json_schema": (), "ebnf": (),
 }
 _SGLANG_NEUTRAL = {**_NEUTRAL, "top_p": (1,), "logprobs": ()}
-
-
-class RequestError(Exception):
-    """A request the server refuses with HTTP ``status`` and ``message`` (and ``body``, when the real
-    server answers that request with a body of its own instead of its error format)."""
-
-    def __init__(self, message: str, status: int = 400, body: Optional[dict] = None) -> None:
-        super().__init__(message)
-        self.status, self.body = status, body
-
-
-@dataclass
-class _Rows:
-    """Scores of m rows: the log-probability and 1-based vocabulary rank (ties ranked last, as vLLM) of
-    each row's target token, and the row's K most probable ids with their log-probabilities."""
-
-    logprobs: list[float]
-    ranks: list[int]
-    top_ids: list[list[int]]
-    top_logprobs: list[list[float]]
-
-    @staticmethod
-    def empty() -> "_Rows":
-        return _Rows([], [], [], [])
-
-    def extend(self, other: "_Rows") -> None:
-        self.logprobs += other.logprobs
-        self.ranks += other.ranks
-        self.top_ids += other.top_ids
-        self.top_logprobs += other.top_logprobs
-
-
-@dataclass(frozen=True)
-class _Sampling:
-    """How one request generates: ``max_new`` tokens at ``temperature`` (greedy below 1e-5), ``top_k``
-    (0: off) and ``top_p``, per-prompt generators seeded by ``seed`` (None: random), ending after any of
-    ``stop_ids``; generated tokens are scored (top ``output_k``; not when None) under ``logprobs``:
-    "raw" (τ = 1, untruncated), "scaled" (τ, untruncated) or "processed" (τ, truncated)."""
-
-    max_new: int
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    stop_ids: frozenset[int] = frozenset()
-    output_k: Optional[int] = None
-    logprobs: str = "raw"
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < _GREEDY_BELOW
-
-
-@dataclass
-class _Result:
-    """One prompt's result: ``prompt_rows`` row j scores prompt token j + 1 (None unless asked for),
-    ``output`` the generated ids, ``output_rows`` row i scores ``output[i]`` (None unless asked for),
-    ``stopped`` whether generation ended at an end-of-sequence id (else at the token limit)."""
-
-    prompt_rows: Optional[_Rows]
-    output: list[int]
-    output_rows: Optional[_Rows]
-    stopped: bool
-
-
-def _score(logits: torch.Tensor, targets: torch.Tensor, k: int) -> _Rows:
-    """``_Rows`` of ``logits`` [m, V] (any dtype; scored in float32) for the target ids [m]."""
-    rows = _Rows.empty()
-    for start in range(0, logits.shape[0], _ROWS_PER_CHUNK):
-        logprobs = logits[start:start + _ROWS_PER_CHUNK].float().log_softmax(-1)
-        target = logprobs.gather(-1, targets[start:start + _ROWS_PER_CHUNK, None])
-        ranks = (logprobs >= target).sum(-1)
-        top = logprobs.topk(k, -1)
-        wire = [t.masked_fill(t == float("-inf"), _NEG_INF_WIRE) for t in (target[:, 0], top.values)]
-        rows.extend(_Rows(wire[0].tolist(), ranks.tolist(), top.indices.tolist(), wire[1].tolist()))
-    return rows
 
 
 def _is_int(value: Any) -> bool:
@@ -214,27 +130,13 @@ def _token_ids(body: dict, key: str) -> frozenset[int]:
     return frozenset(value)
 
 
-def _truncated(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """``logits`` [B, V] with the ids outside the top-k, then outside the top-p nucleus, at −inf
-    (vLLM's ``apply_top_k_top_p``: ties with the k-th largest stay; the most probable id always stays)."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        ordered, order = logits.sort(dim=-1)
-        cumulative = ordered.softmax(-1).cumsum(-1)
-        drop = cumulative <= 1 - top_p
-        drop[:, -1] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
 class TeacherServer:
     """A Hugging Face causal LM served over HTTP with the vLLM and SGLang protocol subsets (module doc).
 
-    The model loads and the socket binds on construction (``port=0`` picks a free port; ``url`` has
-    the bound one). ``start()`` serves on a background thread, ``stop()`` ends it; the context manager
-    does both. ``serve_forever()`` serves on the calling thread until SIGTERM or Ctrl-C (the CLI).
+    The model loads (a ``TeacherEngine``) and the socket binds on construction (``port=0`` picks a free
+    port; ``url`` has the bound one). ``start()`` serves on a background thread, ``stop()`` ends it; the
+    context manager does both. ``serve_forever()`` serves on the calling thread until SIGTERM or Ctrl-C
+    (the CLI).
     """
 
     def __init__(
@@ -255,42 +157,27 @@ class TeacherServer:
             raise ValueError(f"max_logprobs ({max_logprobs}) and delay_ms ({delay_ms}) must be ≥ 0")
         if not max_response_mb > 0:
             raise ValueError(f"max_response_mb must be > 0, got {max_response_mb}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
-        if not os.path.isfile(os.path.join(model_dir, "config.json")):
-            raise ValueError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
         self.model_name = served_model_name or str(model_dir)
         self.max_logprobs = max_logprobs
         self.delay_s = delay_ms / 1000
         self.logprobs_mode = logprobs_mode
         self.max_response_bytes = int(max_response_mb * 2**20)
-        self._model_dir = str(model_dir)
-        self._dtype = _DTYPES[dtype]
-        self._device = torch.device(device)
-        self._model, self._tokenizer = _load(self._model_dir, _DTYPES[dtype], self._device)
-        config = self._model.config
-        self.vocab_size: int = self._model.get_output_embeddings().weight.shape[0]
-        self.max_model_len: Optional[int] = getattr(config, "max_position_embeddings", None)
-        self._eos_ids = _eos_ids(self._model, self._tokenizer)
-        self._texts: list[Optional[str]] = [None] * self.vocab_size
-        if self._tokenizer is not None:  # vLLM's decoded_token: each id decoded alone
-            known = min(len(self._tokenizer), self.vocab_size)
-            self._texts[:known] = self._tokenizer.batch_decode([[i] for i in range(known)])
+        self.engine = TeacherEngine(model_dir, dtype, device)
+        self.vocab_size = self.engine.vocab_size
+        self.max_model_len = self.engine.max_model_len
         self._routes: dict[tuple[str, str], Callable[[Any], tuple[Any, str]]] = {
             ("GET", "/health"): lambda _: (None, ""),
             ("GET", "/v1/models"): self._models,
             ("GET", "/get_model_info"): self._model_info,
-            ("POST", "/v1/completions"): self._completions,
-            ("POST", "/generate"): self._generate,
+            ("POST", _VLLM.path): self._completions,
+            ("POST", _SGLANG.path): self._generate,
             ("POST", "/update_weights_from_disk"): self._update_weights_from_disk,
             ("POST", "/collective_rpc"): self._collective_rpc,
             ("POST", "/reset_prefix_cache"): lambda _: ({"success": True}, ""),  # no prefix cache here
             ("GET", "/server_info"): self._server_info,
         }
-        self._lock = threading.Lock()  # the model
-        self._tokenizer_lock = threading.Lock()  # a fast tokenizer may fail when used by two threads at once
         self._http = _HTTPServer((host, port), _Handler)
         self._http.daemon_threads = True
         self._http.teacher = self  # type: ignore[attr-defined]
@@ -306,7 +193,7 @@ class TeacherServer:
         if self._thread is None:
             self._thread = threading.Thread(target=self._http.serve_forever, name="teacher-server", daemon=True)
             self._thread.start()
-            log.info("serving %s as %r on %s", self._model_dir, self.model_name, self.url)
+            log.info("serving %s as %r on %s", self.engine.model_dir, self.model_name, self.url)
         return self
 
     def stop(self) -> None:
@@ -324,7 +211,7 @@ class TeacherServer:
             raise KeyboardInterrupt
 
         previous = signal.signal(signal.SIGTERM, terminate)
-        log.info("serving %s as %r on %s (max logprobs %d)", self._model_dir, self.model_name, self.url,
+        log.info("serving %s as %r on %s (max logprobs %d)", self.engine.model_dir, self.model_name, self.url,
                  self.max_logprobs)
         try:
             self._http.serve_forever()
@@ -379,38 +266,19 @@ class TeacherServer:
 
     def _models(self, _: Any) -> tuple[dict, str]:
         card = {"id": self.model_name, "object": "model", "created": int(time.time()), "owned_by": "vllm",
-                "root": self._model_dir, "parent": None, "max_model_len": self.max_model_len}
+                "root": self.engine.model_dir, "parent": None, "max_model_len": self.max_model_len}
         return {"object": "list", "data": [card]}, ""
 
     def _model_info(self, _: Any) -> tuple[dict, str]:
-        return {"model_path": self._model_dir, "tokenizer_path": self._model_dir, "is_generation": True}, ""
+        return {"model_path": self.engine.model_dir, "tokenizer_path": self.engine.model_dir, "is_generation": True}, ""
 
     def _server_info(self, _: Any) -> tuple[dict, str]:
         """vLLM's ``/server_info?config_format=json``, the fields a trainer reads."""
-        model_config = {"model": self._model_dir, "logprobs_mode": self.logprobs_mode,
+        model_config = {"model": self.engine.model_dir, "logprobs_mode": self.logprobs_mode,
                         "max_logprobs": self.max_logprobs, "max_model_len": self.max_model_len}
         return {"vllm_config": {"model_config": model_config}, "vllm_env": {}, "system_env": {}}, ""
 
     # -- weight updates -------------------------------------------------------------------------------
-
-    def reload(self, model_dir: Optional[str] = None) -> str:
-        """Load the weights of ``model_dir`` (default: the served directory), which becomes the served
-        directory, and swap them in; returns a summary. Raises ``RequestError`` when it cannot be loaded."""
-        model_dir = self._model_dir if model_dir is None else str(model_dir)
-        if not os.path.isfile(os.path.join(model_dir, "config.json")):
-            raise RequestError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-        began = time.perf_counter()
-        try:
-            model, _ = _load(model_dir, self._dtype, self._device)
-        except Exception as error:  # a half-written or foreign directory: the served weights stay
-            raise RequestError(f"loading {model_dir} failed: {type(error).__name__}: {error}") from None
-        vocab_size = model.get_output_embeddings().weight.shape[0]
-        if vocab_size != self.vocab_size:
-            raise RequestError(f"{model_dir} has a vocabulary of {vocab_size} ids; the served model has "
-                               f"{self.vocab_size}")
-        with self._lock:
-            self._model, self._model_dir = model, model_dir
-        return f"reloaded {model_dir} in {time.perf_counter() - began:.2f} s"
 
     def _update_weights_from_disk(self, body: dict) -> tuple[dict, str]:
         """SGLang ``/update_weights_from_disk``: ``{"success", "message", "num_paused_requests"}``."""
@@ -418,7 +286,7 @@ class TeacherServer:
         try:
             if not isinstance(model_path, str) or not model_path:
                 raise RequestError(f"'model_path' must be a directory, got {model_path!r}")
-            summary = self.reload(model_path)
+            summary = self.engine.reload(model_path)
         except RequestError as error:
             message = f"Failed to update weights: {error}.\nRolling back to original weights."
             raise RequestError(message, 400, {"success": False, "message": message,
@@ -436,7 +304,7 @@ class TeacherServer:
         kwargs = body.get("kwargs") or {}
         if not isinstance(kwargs, dict) or set(kwargs) - {"weights_path"}:
             raise RequestError(f"reload_weights takes only kwargs.weights_path here, got {kwargs!r}")
-        return {"results": [None]}, self.reload(kwargs.get("weights_path"))
+        return {"results": [None]}, self.engine.reload(kwargs.get("weights_path"))
 
     def _completions(self, body: dict) -> tuple[dict, str]:
         """vLLM ``/v1/completions``: ``choices[i].prompt_logprobs`` as vLLM writes them (module doc)."""
@@ -444,15 +312,15 @@ class TeacherServer:
         model = body.get("model")
         if model is not None and model != self.model_name:
             raise RequestError(f"The model `{model}` does not exist.", 404)
-        if "prompt" not in body:
-            raise RequestError("'prompt' is required")
-        prompts, _ = self._prompts(body["prompt"], "prompt")
-        k = self._logprobs_option(body, "prompt_logprobs", "prompt")
+        if _VLLM.prompts_field not in body:
+            raise RequestError(f"'{_VLLM.prompts_field}' is required")
+        prompts, _ = self._prompts(body[_VLLM.prompts_field], _VLLM.prompts_field)
+        k = self._logprobs_option(body, _VLLM.k_field, "prompt")
         output_k = self._logprobs_option(body, "logprobs", "sample")
         stop_token_ids = _token_ids(body, "stop_token_ids")
-        eos_ids = frozenset() if _option(body, "ignore_eos", False, "bool") else self._eos_ids
+        eos_ids = frozenset() if _option(body, "ignore_eos", False, "bool") else self.engine.eos_ids
         top_k = _option(body, "top_k", 0, "int")
-        sampling = _Sampling(
+        sampling = Sampling(
             max_new=_option(body, "max_tokens", 16, "int"), temperature=_option(body, "temperature", 1.0, "number"),
             top_k=0 if top_k == -1 else top_k, top_p=_option(body, "top_p", 1.0, "number"),
             seed=_option(body, "seed", None, "int"), stop_ids=stop_token_ids | eos_ids, output_k=output_k,
@@ -461,11 +329,12 @@ class TeacherServer:
         as_ids = _option(body, "return_tokens_as_token_ids", False, "bool")
         with_ids = _option(body, "return_token_ids", False, "bool")
         choices = [{
-            "index": i, "text": self._decode(r.output),
+            "index": i, "text": self.engine.decode(r.output),
             "logprobs": None if output_k is None else self._vllm_logprobs(r.output, r.output_rows, as_ids),
             "finish_reason": "stop" if r.stopped else "length",
             "stop_reason": r.output[-1] if r.stopped and r.output[-1] in stop_token_ids - eos_ids else None,
-            "prompt_logprobs": None if r.prompt_rows is None else self._vllm_prompt_logprobs(p, r.prompt_rows),
+            **({"prompt_logprobs": None} if r.prompt_rows is None else
+               _VLLM.render_scores(p, r.prompt_rows.of(p[1:]), self.engine.texts.__getitem__)),
             "prompt_token_ids": p if with_ids else None, "token_ids": r.output if with_ids else None,
         } for i, (p, r) in enumerate(zip(prompts, results))]
         prompt_tokens, generated = sum(map(len, prompts)), sum(len(r.output) for r in results)
@@ -475,20 +344,22 @@ class TeacherServer:
                     "model": self.model_name, "choices": choices, "usage": usage}
         return response, f"{len(prompts)} prompts, {prompt_tokens} tokens, K={k}, {generated} generated"
 
-    def _vllm_logprobs(self, output: list[int], rows: Optional[_Rows], as_ids: bool) -> dict[str, list]:
+    def _vllm_logprobs(self, output: list[int], rows: Optional[Rows], as_ids: bool) -> dict[str, list]:
         """vLLM's ``choices[i].logprobs`` of the generated tokens: each token's text (``token_id:<id>``
         with ``as_ids``), its log-probability, ``{text: logprob}`` of it and then the top K (a text
         twice keeps its first place), and the text offsets (cumulative token-text lengths)."""
         assert rows is not None
-        name = (lambda i: f"token_id:{i}") if as_ids else (lambda i: self._texts[i] or "")
+        name = (lambda i: f"token_id:{i}") if as_ids else (lambda i: self.engine.texts[i] or "")
         tokens = [name(token) for token in output]
+        wire = _VLLM.wire_logprob
         tops = []
         for token, logprob, top_ids, top_logprobs in zip(output, rows.logprobs, rows.top_ids, rows.top_logprobs):
-            top = {name(token): logprob}
-            top.update((name(i), v) for i, v in zip(top_ids, top_logprobs))
+            top = {name(token): wire(logprob)}
+            top.update((name(i), wire(v)) for i, v in zip(top_ids, top_logprobs))
             tops.append(top)
         offsets = list(itertools.accumulate(map(len, tokens[:-1]), initial=0)) if tokens else []
-        return {"text_offset": offsets, "token_logprobs": rows.logprobs, "tokens": tokens, "top_logprobs": tops}
+        return {"text_offset": offsets, "token_logprobs": list(map(wire, rows.logprobs)), "tokens": tokens,
+                "top_logprobs": tops}
 
     def _logprobs_option(self, body: dict, key: str, kind: str) -> Optional[int]:
         """vLLM's ``prompt_logprobs`` / ``logprobs``: None, or a count in [0, --max-logprobs]."""
@@ -510,23 +381,23 @@ class TeacherServer:
         return (f"the response {size}, over this server's --max-response-mb "
                 f"{self.max_response_bytes / 2**20:g}: send fewer or shorter sequences per request, or a smaller K")
 
-    def _vllm_prompt_logprobs(self, prompt: list[int], rows: _Rows) -> list[Optional[dict]]:
-        """One dict per prompt token after the first: the actual token (its true rank) then the top K."""
-        texts, entries = self._texts, [None]
-        for token, logprob, rank, top_ids, top_logprobs in zip(
-                prompt[1:], rows.logprobs, rows.ranks, rows.top_ids, rows.top_logprobs):
-            entry = {str(token): {"logprob": logprob, "rank": rank, "decoded_token": texts[token]}}
-            for r, (i, v) in enumerate(zip(top_ids, top_logprobs), 1):
-                entry[str(i)] = {"logprob": v, "rank": r, "decoded_token": texts[i]}
-            entries.append(entry)
-        return entries
+    def _run(self, prompts: list[list[int]], k: Optional[int], sampling: Sampling) -> list[Result]:
+        """The engine's results, after the response cap: a request whose log-probabilities alone would
+        pass it is refused before the model runs. Takes ``--delay-ms`` first."""
+        entries = 0 if k is None else sum(len(p) - 1 for p in prompts) * (k + 1)
+        if sampling.output_k is not None:
+            entries += len(prompts) * max(sampling.max_new, 0) * (sampling.output_k + 1)
+        if entries * _MIN_ENTRY_BYTES > self.max_response_bytes:
+            raise RequestError(self._too_large(f"would hold {entries} log-probabilities (at least "
+                                               f"{entries * _MIN_ENTRY_BYTES / 2**20:.2f} MB)"))
+        return self.engine.run(prompts, k, sampling)
 
     def _generate(self, body: dict) -> tuple[Any, str]:
         """SGLang ``/generate``: a list of results, or one result for one non-nested input."""
         _refuse_unsupported(body, _SGLANG_NEUTRAL)
-        if ("input_ids" in body) == ("text" in body):
-            raise RequestError("exactly one of 'input_ids' and 'text' is required")
-        key = "input_ids" if "input_ids" in body else "text"
+        if (_SGLANG.prompts_field in body) == ("text" in body):
+            raise RequestError(f"exactly one of '{_SGLANG.prompts_field}' and 'text' is required")
+        key = _SGLANG.prompts_field if _SGLANG.prompts_field in body else "text"
         prompts, batched = self._prompts(body[key], key)
         sampling = body.get("sampling_params") or {}
         if not isinstance(sampling, dict):
@@ -534,11 +405,11 @@ class TeacherServer:
         _refuse_unsupported(sampling, _SGLANG_NEUTRAL)
         return_logprob = _option(body, "return_logprob", False, "bool")
         start = _option(body, "logprob_start_len", -1, "int")
-        k = _option(body, "top_logprobs_num", 0, "int")
+        k = _option(body, _SGLANG.k_field, 0, "int")
         if not 0 <= k <= self.max_logprobs:
-            raise RequestError(f"'top_logprobs_num' must be between 0 and the server's max logprobs "
+            raise RequestError(f"'{_SGLANG.k_field}' must be between 0 and the server's max logprobs "
                                f"{self.max_logprobs}, got {k}")
-        self._check_k_fits_vocabulary("top_logprobs_num", k)
+        self._check_k_fits_vocabulary(_SGLANG.k_field, k)
         if start < -1:
             raise RequestError(f"'logprob_start_len' must be ≥ -1, got {start}")
         with_text = _option(body, "return_text_in_logprobs", False, "bool")
@@ -547,13 +418,13 @@ class TeacherServer:
         if top_k == 0 or top_k < -1:
             raise RequestError(f"top_k must be -1 (disable) or at least 1, got {top_k}.")
         stops = frozenset() if _option(sampling, "ignore_eos", False, "bool") else \
-            _token_ids(sampling, "stop_token_ids") | self._eos_ids
+            _token_ids(sampling, "stop_token_ids") | self.engine.eos_ids
         temperature = 0.0 if top_k == 1 else _option(sampling, "temperature", 1.0, "number")  # SGLang: greedy
-        results = self._run(prompts, k if return_logprob else None, _Sampling(
+        results = self._run(prompts, k if return_logprob else None, Sampling(
             max_new=max_new, temperature=temperature, top_k=max(top_k, 0),
             seed=_option(sampling, "sampling_seed", None, "int"), stop_ids=stops,
             output_k=k if return_logprob else None, logprobs="scaled"))
-        texts = self._texts if with_text else [None] * self.vocab_size
+        texts = self.engine.texts.__getitem__ if with_text else None
         out = []
         for prompt, r in zip(prompts, results):
             finish = {"type": "stop", "matched": r.output[-1]} if r.stopped else {"type": "length", "length": max_new}
@@ -562,11 +433,11 @@ class TeacherServer:
             if return_logprob:
                 assert r.prompt_rows is not None and r.output_rows is not None
                 first = len(prompt) - 1 if start == -1 else min(start, len(prompt))
-                meta["input_token_logprobs"], meta["input_top_logprobs"] = _sglang_logprobs(
-                    prompt[first:], r.prompt_rows, first, texts)
-                meta["output_token_logprobs"], meta["output_top_logprobs"] = _sglang_logprobs(
-                    r.output, r.output_rows, None, texts)
-            out.append({"text": self._decode(r.output), "output_ids": r.output, "meta_info": meta})
+                scores = _SGLANG.render_scores(prompt, r.prompt_rows.of(prompt[1:]), texts)
+                meta.update((field, entries[first:]) for field, entries in scores.items())
+                meta["output_token_logprobs"], meta["output_top_logprobs"] = _SGLANG.entries(
+                    r.output_rows.of(r.output), texts)
+            out.append({"text": self.engine.decode(r.output), "output_ids": r.output, "meta_info": meta})
         prompt_tokens, generated = sum(map(len, prompts)), sum(len(r.output) for r in results)
         summary = f"{len(prompts)} prompts, {prompt_tokens} tokens, K={k if return_logprob else None}, " \
                   f"{generated} generated"
@@ -576,11 +447,10 @@ class TeacherServer:
         """The token-id lists of a prompt field (text, texts, token ids or lists of them), checked, and
         whether the field was a batch."""
         if isinstance(value, str) or isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-            if self._tokenizer is None:
+            if not self.engine.has_tokenizer:
                 raise RequestError(f"the model directory has no tokenizer: send '{key}' as token ids")
-            texts = [value] if isinstance(value, str) else value
-            with self._tokenizer_lock:
-                prompts, batched = [self._tokenizer(t)["input_ids"] for t in texts], isinstance(value, list)
+            prompts = self.engine.tokenize([value] if isinstance(value, str) else value)
+            batched = isinstance(value, list)
         elif isinstance(value, list) and value and all(isinstance(v, list) for v in value):
             prompts, batched = value, True
         elif isinstance(value, list):
@@ -595,136 +465,6 @@ class TeacherServer:
             if bad:
                 raise RequestError(f"'{key}' {i} holds {bad[0]!r}, not a token id in [0, {self.vocab_size})")
         return prompts, batched
-
-    def _decode(self, ids: list[int]) -> str:
-        if self._tokenizer is None or not ids:
-            return ""
-        with self._tokenizer_lock:
-            return self._tokenizer.decode(ids, skip_special_tokens=True)
-
-    # -- the model ------------------------------------------------------------------------------------
-
-    def _run(self, prompts: list[list[int]], k: Optional[int], sampling: _Sampling) -> list[_Result]:
-        """Score the prompts (top ``k`` per position; not when None) and generate from them, all in one batch."""
-        if sampling.max_new < 0:
-            raise RequestError(f"the number of tokens to generate must be ≥ 0, got {sampling.max_new}")
-        if sampling.temperature < 0:
-            raise RequestError(f"'temperature' must be ≥ 0, got {sampling.temperature}")
-        if not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
-            raise RequestError(f"need top_p in (0, 1] and top_k ≥ 0 (-1: off); got {sampling.top_p}, "
-                               f"{sampling.top_k}")
-        if sampling.seed is not None and not -2**63 <= sampling.seed < 2**64:
-            raise RequestError(f"the seed must be in [-2**63, 2**64), got {sampling.seed}")
-        entries = 0 if k is None else sum(len(p) - 1 for p in prompts) * (k + 1)
-        if sampling.output_k is not None:
-            entries += len(prompts) * sampling.max_new * (sampling.output_k + 1)
-        if entries * _MIN_ENTRY_BYTES > self.max_response_bytes:
-            raise RequestError(self._too_large(f"would hold {entries} log-probabilities (at least "
-                                               f"{entries * _MIN_ENTRY_BYTES / 2**20:.2f} MB)"))
-        longest = max(map(len, prompts))
-        if self.max_model_len is not None and longest + sampling.max_new > self.max_model_len:
-            raise RequestError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                               f"requested {longest + sampling.max_new} tokens ({longest} in the messages, "
-                               f"{sampling.max_new} in the completion). Please reduce the length of the messages "
-                               f"or completion.")
-        with self._lock:
-            return self._forward(prompts, k, sampling)
-
-    @torch.inference_mode()
-    def _forward(self, prompts: list[list[int]], k: Optional[int], sampling: _Sampling) -> list[_Result]:
-        device, batch = self._device, len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
-        ids = torch.zeros(batch, int(lengths.max()), dtype=torch.long)
-        for b, prompt in enumerate(prompts):
-            ids[b, :len(prompt)] = torch.tensor(prompt)
-        ids = ids.to(device)
-        mask = (torch.arange(ids.shape[1], device=device) < lengths[:, None]).long()
-        out = self._model(input_ids=ids, attention_mask=mask, use_cache=sampling.max_new > 1)
-        results = [_Result(None if k is None else _score(out.logits[b, :len(p) - 1], ids[b, 1:len(p)], k), [],
-                           None if sampling.output_k is None else _Rows.empty(), False)
-                   for b, p in enumerate(prompts)]
-        if sampling.max_new == 0:
-            return results
-        logits = out.logits[torch.arange(batch, device=device), lengths - 1]
-        generators = None
-        if not sampling.greedy:
-            generators = [torch.Generator(device) for _ in prompts]
-            for generator in generators:
-                if sampling.seed is None:
-                    generator.seed()
-                else:
-                    generator.manual_seed(sampling.seed)
-        cache, positions, live = out.past_key_values, lengths.clone(), list(range(batch))
-        for step in range(sampling.max_new):
-            raw = logits.float()
-            scaled = raw if sampling.greedy else raw / sampling.temperature
-            truncated = scaled if sampling.greedy else _truncated(scaled, sampling.top_k, sampling.top_p)
-            if generators is None:
-                tokens = raw.argmax(-1)
-            else:
-                probs = truncated.softmax(-1)
-                tokens = torch.cat([torch.multinomial(probs[b], 1, generator=generators[b]) for b in range(batch)])
-            scored = None
-            if sampling.output_k is not None:
-                scored = _score({"raw": raw, "scaled": scaled, "processed": truncated}[sampling.logprobs], tokens,
-                                sampling.output_k)
-            chosen = tokens.tolist()
-            for b in list(live):
-                result, token = results[b], chosen[b]
-                result.output.append(token)
-                if scored is not None:
-                    result.output_rows.extend(_Rows(scored.logprobs[b:b + 1], scored.ranks[b:b + 1],
-                                                    scored.top_ids[b:b + 1], scored.top_logprobs[b:b + 1]))
-                if token in sampling.stop_ids:
-                    result.stopped = True
-                    live.remove(b)
-            if not live or step == sampling.max_new - 1:
-                break
-            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], 1)
-            out = self._model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
-                              past_key_values=cache, use_cache=True)
-            cache, positions, logits = out.past_key_values, positions + 1, out.logits[:, -1]
-        return results
-
-
-def _sglang_logprobs(tokens: list[int], rows: _Rows, first: Optional[int], texts: Sequence[Optional[str]]
-                     ) -> tuple[list, list]:
-    """SGLang's ``[logprob, id, text]`` per token and ``[[logprob, id, text] × K]`` per position. Prompt
-    tokens from position ``first`` (row j - 1 scores position j; position 0 has null scores); output
-    tokens (``first`` None) row i scores token i."""
-    token_entries, top_entries = [], []
-    for j, token in enumerate(tokens, 0 if first is None else first):
-        row = j if first is None else j - 1
-        if row < 0:
-            token_entries.append([None, token, texts[token]])
-            top_entries.append(None)
-            continue
-        token_entries.append([rows.logprobs[row], token, texts[token]])
-        top_entries.append([[v, i, texts[i]] for i, v in zip(rows.top_ids[row], rows.top_logprobs[row])])
-    return token_entries, top_entries
-
-
-def _load(model_dir: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
-    """The model (eval mode, on ``device``) and the tokenizer (None when the directory has none)."""
-    import transformers
-    from packaging.version import Version
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **{dtype_key: dtype}).to(device).eval()
-    has_tokenizer = any(os.path.isfile(os.path.join(model_dir, name)) for name in (
-        "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
-    return model, AutoTokenizer.from_pretrained(model_dir) if has_tokenizer else None
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    """End-of-sequence ids: the generation config's (an int or a list) and the tokenizer's."""
-    config = getattr(model, "generation_config", None)
-    found = getattr(config, "eos_token_id", None)
-    ids = set([found] if _is_int(found) else found or [])
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -794,7 +534,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--delay-ms", type=float, default=0.0, metavar="MS",
         help="latency added to each scoring/generation request, for overlap tests (default 0)",
     )
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="(default float32)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="(default float32)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default cpu)")
     parser.add_argument(
         "--max-response-mb", type=float, default=DEFAULT_MAX_RESPONSE_MB, metavar="MB",

@@ -15,8 +15,9 @@ Scores come from ``BigramModel``, a deterministic model of arbitrary prompts (th
 token j + 1 depends on token j through a fixed random table; the last ``impossible`` ids have
 probability 0, like vocabulary padding), so tests can send any sequence and know the exact answer.
 The bodies follow the real servers' formats (``vllm_completion_body`` / ``sglang_generate_body``,
-also used by the benchmark): vLLM positions list the actual token first, then the top K by rank,
-with −inf written as −9999.0; SGLang writes −inf as null (orjson).
+also used by the benchmark): the scores are rendered by the wire protocols themselves
+(``WireProtocol.render_scores``: vLLM positions list the actual token first, then the top K by rank,
+with −inf written as −9999.0; SGLang writes −inf as null), inside envelopes like the real servers'.
 
 Scripted behaviour: ``inject(fault, times)`` queues faults and ``replay(body, times)`` queues recorded
 bodies; each scoring request (``/v1/completions``, ``/generate``) takes the next queued item, if any.
@@ -40,6 +41,7 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union, get_args
 import numpy as np
 import orjson
 
+from megatron_mopd.teachers.protocols import ScoredPositions, get_protocol, protocol_at
 from megatron_mopd.teachers.types import TeacherLogprobs, TeacherSource
 
 Fault = Literal[
@@ -54,7 +56,6 @@ Fault = Literal[
     "wrong_ids",         # the last sequence scored with one token replaced (see ``_substitute``)
 ]
 FAULTS: tuple[str, ...] = get_args(Fault)
-_VLLM_NEG_INF = -9999.0
 _SCORING_PATHS = ("/v1/completions", "/generate")
 
 
@@ -85,23 +86,27 @@ class BigramModel:
         return None if token % 5 == 0 else f"<{token}>"
 
 
+def scored_positions(model: BigramModel, tokens: Sequence[int], k: int) -> ScoredPositions:
+    """The model's scores of ``tokens[1:]``: log-probabilities, ranks (vLLM's: ties last) and the top K."""
+    logprobs = model.logprobs(tokens)
+    actual = np.asarray(tokens[1:], dtype=np.int64)
+    token_logprobs = logprobs[np.arange(actual.size), actual]
+    ranks = (logprobs >= token_logprobs[:, None]).sum(axis=1)
+    top_values, top_ids = model.topk(tokens, k)
+    return ScoredPositions(actual.tolist(), token_logprobs.tolist(), ranks.tolist(), top_ids.tolist(),
+                           top_values.tolist())
+
+
 def vllm_completion_body(model: BigramModel, prompts: Sequence[Sequence[int]], k: int,
                          model_name: str = "canned-teacher") -> dict[str, Any]:
     """The body vLLM's ``/v1/completions`` returns for token-id prompts, ``max_tokens=1``, ``prompt_logprobs=k``."""
+    vllm = get_protocol("vllm")
     choices = []
     for index, tokens in enumerate(prompts):
-        logprobs = model.logprobs(tokens)
-        order = np.argsort(-logprobs, axis=1, kind="stable")
-        entries: list[Optional[dict]] = [None]
-        for row, actual in enumerate(tokens[1:]):
-            rank = 1 + int((logprobs[row] > logprobs[row, actual]).sum())
-            position = {str(actual): _vllm_entry(logprobs[row, actual], rank, actual)}
-            for i, token in enumerate(order[row, :k].tolist()):
-                position[str(token)] = _vllm_entry(logprobs[row, token], i + 1, token)
-            entries.append(position)
         generated = int(np.argmax(model.table[tokens[-1]]))
         choices.append({"index": index, "text": model.decoded(generated) or "", "logprobs": None,
-                        "finish_reason": "length", "stop_reason": None, "prompt_logprobs": entries})
+                        "finish_reason": "length", "stop_reason": None,
+                        **vllm.render_scores(tokens, scored_positions(model, tokens, k), model.decoded)})
     prompt_tokens = sum(len(tokens) for tokens in prompts)
     return {
         "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -114,30 +119,13 @@ def vllm_completion_body(model: BigramModel, prompts: Sequence[Sequence[int]], k
 def sglang_generate_body(model: BigramModel, prompts: Sequence[Sequence[int]], k: int) -> list[dict[str, Any]]:
     """The body SGLang's ``/generate`` returns for ``input_ids`` lists with ``max_new_tokens=0``,
     ``return_logprob``, ``logprob_start_len=0`` and ``top_logprobs_num=k``."""
-    results = []
-    for tokens in prompts:
-        logprobs = model.logprobs(tokens)
-        top_values, top_ids = model.topk(tokens, k)
-        token_entries = [[None, int(tokens[0]), None]]
-        token_entries += [[_finite_or_none(logprobs[row, t]), int(t), None] for row, t in enumerate(tokens[1:])]
-        top_entries: list[Optional[list]] = [None]
-        top_entries += [[[_finite_or_none(v), i, None] for v, i in zip(values.tolist(), ids.tolist())]
-                        for values, ids in zip(top_values, top_ids)]
-        results.append({"text": "", "meta_info": {
-            "id": uuid.uuid4().hex, "finish_reason": {"type": "length", "length": 0},
-            "prompt_tokens": len(tokens), "completion_tokens": 0, "cached_tokens": 0, "e2e_latency": 0.001,
-            "input_token_logprobs": token_entries, "input_top_logprobs": top_entries,
-            "output_token_logprobs": [], "output_top_logprobs": [],
-        }})
-    return results
-
-
-def _vllm_entry(logprob: float, rank: int, token: int) -> dict[str, Any]:
-    return {"logprob": max(float(logprob), _VLLM_NEG_INF), "rank": rank, "decoded_token": BigramModel.decoded(token)}
-
-
-def _finite_or_none(value: float) -> Optional[float]:
-    return float(value) if np.isfinite(value) else None
+    sglang = get_protocol("sglang")
+    return [{"text": "", "meta_info": {
+        "id": uuid.uuid4().hex, "finish_reason": {"type": "length", "length": 0},
+        "prompt_tokens": len(tokens), "completion_tokens": 0, "cached_tokens": 0, "e2e_latency": 0.001,
+        **sglang.render_scores(tokens, scored_positions(model, tokens, k)),
+        "output_token_logprobs": [], "output_top_logprobs": [],
+    }} for tokens in prompts]
 
 
 class CannedServer:
@@ -206,9 +194,10 @@ class CannedServer:
             return self._script.popleft() if self._script and path in _SCORING_PATHS else None
 
     def _score(self, path: str, request: dict[str, Any], scripted: Optional[str]) -> tuple[int, bytes]:
-        vllm = path == "/v1/completions"
-        prompts = request.get("prompt" if vllm else "input_ids")
-        k = request.get("prompt_logprobs" if vllm else "top_logprobs_num")
+        protocol = protocol_at(path)
+        assert protocol is not None, path
+        vllm = protocol.name == "vllm"
+        prompts, k = protocol.scoring_fields(request)
         if (not isinstance(prompts, list) or not prompts or not all(isinstance(p, list) and p for p in prompts)
                 or not isinstance(k, int) or k < 1):
             return 400, _error("expected token-id lists and a positive number of logprobs")

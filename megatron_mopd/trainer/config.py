@@ -179,9 +179,13 @@ class TeacherConfig:
     projection: Optional[str] = _help("vocabulary projection file (mopd build-projection) for another tokenizer", None)
     importance_ratio_min: float = _help("mopd: lower bound of the truncated importance weight π_S/π_rollout", 0.0)
     importance_ratio_max: float = _help("mopd: upper bound of the truncated importance weight", 2.0)
-    timeout_s: float = _help("seconds per request before a retry (remote)", 300.0)
+    timeout_s: float = _help("seconds of silence (connecting, or waiting for any data) before a request is retried "
+                             "(remote)", 300.0)
     retries: int = _help("retries of a failed request (remote)", 3)
     wait_for_servers_s: float = _help("how long to wait for the servers to become healthy at start", 120.0)
+    request_deadline_s: Optional[float] = _help("seconds one attempt of a request may take in all (connect, send, "
+                                                "the entire response) before a retry, however slowly the server "
+                                                "sends (remote; default 2 × timeout_s)", None)
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "every teacher needs a name (teachers.N.name)")
@@ -191,6 +195,8 @@ class TeacherConfig:
         _require(self.protocol in PROTOCOLS, f"{where}: protocol must be one of {PROTOCOLS}")
         _require(self.tail in TAILS, f"{where}: tail must be one of {TAILS}")
         _require(self.topk >= 1, f"{where}: topk must be >= 1")
+        _require(self.request_deadline_s is None or self.request_deadline_s > 0,
+                 f"{where}: request_deadline_s must be > 0 (or unset: 2 × timeout_s)")
         _require(0.0 <= self.beta <= 1.0, f"{where}: beta must be in [0, 1], got {self.beta}")
         _require(self.temperature is None or self.temperature > 0 and math.isfinite(self.temperature),
                  f"{where}: temperature must be > 0")

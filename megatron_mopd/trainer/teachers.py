@@ -53,6 +53,7 @@ def open_teachers(
                     client = stack.enter_context(RemoteTeacher(
                         urls[config.name], config.protocol, topk=config.topk, timeout_s=config.timeout_s,
                         retries=config.retries, wait_for_servers_s=config.wait_for_servers_s,
+                        request_deadline_s=config.request_deadline_s,
                     ))
                 except TeacherError as error:
                     raise type(error)(f"teacher {config.name!r}: {error}") from None
