@@ -35,6 +35,8 @@ setup(
     entry_points={"console_scripts": ["mopd=megatron_mopd.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # The linter CI runs (ruff.toml: pyflakes, pycodestyle, import order).
+        "lint": ["ruff>=0.6"],
         # Optional CUDA accelerators: used when importable, never required.
         "cuda": ["transformer-engine[pytorch]>=2.9", "apex"],
         # Triton kernels for the losses' hot passes on CUDA (megatron_mopd.kernels); optional.

@@ -27,9 +27,9 @@ import torch.distributed as dist
 import cross_tokenizer_reference as reference
 from dense_reference import rel_err
 from megatron_mopd.crosstok.projection import ProjectionStats, VocabProjection
+from megatron_mopd.demo.tokenizers import sentencepiece_bpe
 from megatron_mopd.losses import gold_loss, projected_kl, topk_generalized_jsd
 from megatron_mopd.testing import run_on_ranks
-from megatron_mopd.demo.tokenizers import sentencepiece_bpe
 
 TP_SIZES = (1, 2, 4)
 VOCAB_SIZE, PADDED_VOCAB, TEACHER_VOCAB, K = 190, 256, 150, 8

@@ -18,9 +18,9 @@ import torch.distributed as dist
 import cross_tokenizer_reference as reference
 from dense_reference import rel_err
 from megatron_mopd.crosstok import VocabProjection, align_batch, align_texts
+from megatron_mopd.demo.tokenizers import byte_level_bpe, sentencepiece_bpe
 from megatron_mopd.losses import gold_loss, projected_kl
 from megatron_mopd.testing import run_on_ranks
-from megatron_mopd.demo.tokenizers import byte_level_bpe, sentencepiece_bpe
 from test_cross_tokenizer_losses import dense_projection
 
 SAMPLES = [

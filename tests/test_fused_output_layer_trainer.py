@@ -153,7 +153,11 @@ def forward_step_on_rank(tp: int) -> list[dict[str, Any]]:
 
     from megatron_mopd.platform import destroy_parallel, initialize_parallel
     from megatron_mopd.trainer.forward_step import (
-        MicroBatch, StepContext, StepTeacherScores, forward_step, loss_func,
+        MicroBatch,
+        StepContext,
+        StepTeacherScores,
+        forward_step,
+        loss_func,
     )
     from megatron_mopd.trainer.student_output import output_layer_weight
 

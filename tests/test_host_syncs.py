@@ -293,8 +293,8 @@ def trainer_loss_on_rank(validations: tuple[bool, ...]) -> list[dict[str, Any]]:
 
     from megatron_mopd.platform import destroy_parallel, initialize_parallel
     from megatron_mopd.teachers import ColocatedTeacher, RemoteTeacher, submit_teacher_scores
-    from megatron_mopd.testing.gpt import TinyGPT
     from megatron_mopd.testing.canned_server import CannedServer
+    from megatron_mopd.testing.gpt import TinyGPT
     from megatron_mopd.trainer.forward_step import MicroBatch
 
     torch.set_num_threads(1)

@@ -14,7 +14,10 @@ import torch
 
 from megatron_mopd import kernels
 from megatron_mopd.losses import (
-    generalized_jsd, linear_generalized_jsd, linear_topk_generalized_jsd, topk_generalized_jsd,
+    generalized_jsd,
+    linear_generalized_jsd,
+    linear_topk_generalized_jsd,
+    topk_generalized_jsd,
     vocab_parallel_token_logprobs,
 )
 from megatron_mopd.parallel.chunking import local_logsumexp

@@ -29,7 +29,10 @@ import pytest
 import torch
 
 from megatron_mopd.integrations.megatron_lm import (
-    MegatronLMMopdConfig, MopdForwardStep, add_mopd_args, mopd_config_from_args,
+    MegatronLMMopdConfig,
+    MopdForwardStep,
+    add_mopd_args,
+    mopd_config_from_args,
 )
 from megatron_mopd.platform import destroy_parallel, initialize_parallel
 from megatron_mopd.testing import run_on_ranks

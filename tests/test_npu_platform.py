@@ -248,7 +248,8 @@ def test_initialize_parallel_on_npu_imports_mindspeed_first_and_uses_hccl_on_loc
 
 
 def test_auto_selection_picks_the_npu_that_torch_npu_reports(standins: NpuStandins) -> None:
-    script = "from megatron_mopd.platform import Platform, select_platform; assert select_platform() == Platform('npu', 'hccl')"
+    script = ("from megatron_mopd.platform import Platform, select_platform; "
+              "assert select_platform() == Platform('npu', 'hccl')")
     result = standins.run(["-c", script])
     assert result.returncode == 0, result.stderr[-3000:]
     assert names(standins.events()) == ["import torch_npu", "npu.is_available"]

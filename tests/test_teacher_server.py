@@ -18,9 +18,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from megatron_mopd.demo.models import tiny_causal_lm_dir
 from megatron_mopd.teachers.server import TeacherServer
 from megatron_mopd.teachers.server_engine import score_rows
-from megatron_mopd.demo.models import tiny_causal_lm_dir
 from megatron_mopd.teachers.server_process import teacher_server_process
 
 MAX_LOGPROBS = 8

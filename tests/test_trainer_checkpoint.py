@@ -36,8 +36,8 @@ import pytest
 import torch
 
 from megatron_mopd.platform import destroy_parallel, initialize_parallel
-from megatron_mopd.testing.gpt import TinyGPT
 from megatron_mopd.testing import run_on_ranks
+from megatron_mopd.testing.gpt import TinyGPT
 from megatron_mopd.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.skipif(

@@ -19,7 +19,11 @@ from megatron_mopd.losses import topk_generalized_jsd
 from megatron_mopd.teachers import TeacherLogprobs
 from megatron_mopd.trainer.config import TeacherConfig
 from megatron_mopd.trainer.forward_step import (
-    MicroBatch, NonFiniteLossError, StepContext, StepTeacherScores, loss_func,
+    MicroBatch,
+    NonFiniteLossError,
+    StepContext,
+    StepTeacherScores,
+    loss_func,
 )
 from megatron_mopd.trainer.objective import Targets, TeacherTerm, micro_batch_objective
 

@@ -48,9 +48,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from bench_common import (finish, init_megatron_tp1, machine, measure_own_peak, memory_figures, peak_memory,
-                          time_variants)
 
+from bench_common import (
+    finish,
+    init_megatron_tp1,
+    machine,
+    measure_own_peak,
+    memory_figures,
+    peak_memory,
+    time_variants,
+)
 from megatron_mopd.losses import (
     generalized_jsd,
     linear_cross_entropy,

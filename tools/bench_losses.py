@@ -50,13 +50,20 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from bench_common import (finish, init_megatron_tp1, machine, measure_own_peak, memory_figures, peak_memory,
-                          time_variants)
 from tqdm import tqdm
 
+from bench_common import (
+    finish,
+    init_megatron_tp1,
+    machine,
+    measure_own_peak,
+    memory_figures,
+    peak_memory,
+    time_variants,
+)
 from megatron_mopd.crosstok import VocabProjection
-from megatron_mopd.losses import generalized_jsd, gold_loss, projected_kl, topk_generalized_jsd
 from megatron_mopd.demo.tokenizers import byte_level_bpe, sentencepiece_bpe
+from megatron_mopd.losses import generalized_jsd, gold_loss, projected_kl, topk_generalized_jsd
 
 Variant = Callable[[torch.Tensor], torch.Tensor]  # logits (leaf) -> scalar loss
 

@@ -34,7 +34,6 @@ from typing import Optional
 
 import torch
 
-from megatron_mopd.losses.chunk_teacher import ChunkTeacher, chunk_teacher_distributions
 from megatron_mopd.losses.chunk_projection import (
     ChunkStatistics,
     ProjectionRequest,
@@ -43,6 +42,7 @@ from megatron_mopd.losses.chunk_projection import (
     chunk_statistics,
     scored_logsumexp,
 )
+from megatron_mopd.losses.chunk_teacher import ChunkTeacher, chunk_teacher_distributions
 from megatron_mopd.losses.divergence import (
     generalized_jsd_on_support,
     validate_beta,

@@ -32,7 +32,6 @@ from typing import Any, Callable, Optional
 import torch
 
 from megatron_mopd.kernels import use_triton
-from megatron_mopd.parallel.chunking import chunk_rows, local_logsumexp, row_slices, tempered_fp32
 from megatron_mopd.losses.divergence import (
     fused_generalized_jsd_terms,
     generalized_jsd_terms,
@@ -41,6 +40,7 @@ from megatron_mopd.losses.divergence import (
     validate_beta,
     validate_temperature,
 )
+from megatron_mopd.parallel.chunking import chunk_rows, local_logsumexp, row_slices, tempered_fp32
 from megatron_mopd.parallel.vocab import ProcessGroup, VocabShard
 
 

@@ -39,17 +39,16 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_mopd.kernels import use_triton
 from megatron_mopd.losses.divergence import (
     fused_generalized_jsd_terms,
     generalized_jsd_terms,
     log_ratios_to_mixture_,
 )
-from megatron_mopd.kernels import use_triton
 from megatron_mopd.losses.jsd import kernel_jsd_gradient, kernel_jsd_sums
 from megatron_mopd.losses.topk import topk_support_terms
 from megatron_mopd.parallel.chunking import local_logsumexp_and_gather, row_slices
 from megatron_mopd.parallel.vocab import VocabShard
-
 
 # float32 elements per vocabulary block of the full-vocabulary JSD's passes: its ~5 block-sized
 # temporaries stay in a core's cache.

@@ -11,8 +11,9 @@ log-probability (a row of −inf / null only is no distribution, so it is an err
 sample), the top K's probabilities sum to at most 1 + 1e-3 (log-probabilities, not logits), and, when
 the caller gives the vocabulary size the ids index (``parse(..., vocab_size=V)``), every id is below V.
 These are the checks the losses can make on the device (``losses.topk.validate_teacher_topk``), made
-here on the host for free, so the trainer runs the losses without them (``loss.validate_inputs``). The actual token's log-probability may be −inf: the teacher gives it probability 0 (e.g.
-vocabulary padding, or a token its sampling forbids); it is kept as −inf.
+here on the host for free, so the trainer runs the losses without them (``loss.validate_inputs``).
+The actual token's log-probability may be −inf: the teacher gives it probability 0 (e.g. vocabulary
+padding, or a token its sampling forbids); it is kept as −inf.
 
 Parsing is orjson plus vectorized numpy; the per-entry Python work is a few C-level ``map`` passes
 over the decoded lists (values, then a ``set`` of their types). Automatic cyclic garbage collection is

@@ -87,7 +87,8 @@ class ParallelConfig:
             _require(getattr(self, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         _require(not self.sequence_parallel or self.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1")
         _require(self.virtual_pipeline is None, "parallel.virtual_pipeline is not supported yet: remove it")
-        _require(self.device in (None, "cuda", "npu", "cpu"), f"parallel.device must be cuda, npu or cpu, got {self.device!r}")
+        _require(self.device in (None, "cuda", "npu", "cpu"),
+                 f"parallel.device must be cuda, npu or cpu, got {self.device!r}")
 
 
 @dataclass
@@ -245,7 +246,8 @@ class RolloutConfig:
                         "servers serve the student; its weights are pushed to them before sampling)", "megatron")
     protocol: str = _help("server engine: vllm or sglang, the servers' protocol", "vllm")
     urls: List[str] = _help("server engine: servers you run, loading their weights from served_dir (vLLM with "
-                            "VLLM_SERVER_DEV_MODE=1); empty: the trainer starts rollout.server on each node", list, list)
+                            "VLLM_SERVER_DEV_MODE=1); empty: the trainer starts rollout.server on each node",
+                            list, list)
     served_dir: Optional[str] = _help("server engine: the directory the student's weights are pushed to and the "
                                       "servers load (default: output_dir/rollout_model)", None)
     server: str = _help("server engine without urls: the server the trainer starts, reference (mopd "

@@ -33,7 +33,10 @@ from megatron_mopd.trainer.config import TeacherConfig
 from megatron_mopd.trainer.cross_tokenizer import chunk_ids
 from megatron_mopd.trainer.objective import Targets, TeacherTerm, micro_batch_objective
 from megatron_mopd.trainer.student_output import (
-    OutputLayerInput, StudentLogits, hidden_states_instead_of_logits, output_layer_weight,
+    OutputLayerInput,
+    StudentLogits,
+    hidden_states_instead_of_logits,
+    output_layer_weight,
 )
 
 

@@ -106,7 +106,8 @@ def _train(config: MopdConfig, device_type: str, say: Callable[[str], None]) -> 
     _check_layout(config, arch, layout)
     dataset = _Dataset(config.data.path, "data.path", config, tokenizer, completions=config.rollout.lmbda < 1)
     routes_of = _router(config, dataset)
-    held_out = _Dataset(config.eval.path, "eval.path", config, tokenizer, completions=False) if config.eval.path else None
+    held_out = (_Dataset(config.eval.path, "eval.path", config, tokenizer, completions=False) if config.eval.path
+                else None)
     held_out_routes = _router(config, held_out) if held_out else None
     if held_out is not None and len(held_out.samples) < layout.dp_size:
         raise ConfigError(f"eval.path: {len(held_out.samples)} held-out prompts for {layout.dp_size} data-parallel "
@@ -266,7 +267,8 @@ def _check_layout(config: MopdConfig, arch, layout: Layout) -> None:
                        f"teacher {teacher.name!r}: a colocated teacher does not support parallel.cp > 1; serve it "
                        f"(placement: remote, model: DIR)"))
         checks.append((teacher.tokenizer is None or cp == 1,
-                       f"teacher {teacher.name!r}: a teacher with another tokenizer does not support parallel.cp > 1 yet"))
+                       f"teacher {teacher.name!r}: a teacher with another tokenizer does not support "
+                       f"parallel.cp > 1 yet"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -439,7 +441,11 @@ def _rollout_engine(config: MopdConfig, arch, trainee):
     from megatron_mopd.crosstok.local_tokenizer import load_local_tokenizer
     from megatron_mopd.rollout import MegatronRolloutEngine
     from megatron_mopd.rollout.server_engine import (
-        DiskWeightSync, ServerRolloutEngine, export_served, logprobs_mode_for)
+        DiskWeightSync,
+        ServerRolloutEngine,
+        export_served,
+        logprobs_mode_for,
+    )
     from megatron_mopd.teachers.server_process import teacher_server_process, vllm_server_process
     from megatron_mopd.trainer.teachers import served_on_each_node
 

@@ -35,7 +35,11 @@ from megatron_mopd.teachers.placement import local_rows
 from megatron_mopd.trainer.cross_tokenizer import CrossTokenizerSide
 from megatron_mopd.trainer.data import DataStats, Example, TokenizedSample, collate
 from megatron_mopd.trainer.forward_step import (
-    MicroBatch, StepContext, StepTeacherScores, forward_step, non_finite_loss_error,
+    MicroBatch,
+    StepContext,
+    StepTeacherScores,
+    forward_step,
+    non_finite_loss_error,
 )
 from megatron_mopd.trainer.rollout import Completed, CompletionSource
 

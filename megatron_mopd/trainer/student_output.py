@@ -25,7 +25,10 @@ from typing import Any, Iterator, Optional, Protocol
 import torch
 
 from megatron_mopd.losses import (
-    linear_cross_entropy, linear_topk_generalized_jsd, topk_generalized_jsd, vocab_parallel_token_logprobs,
+    linear_cross_entropy,
+    linear_topk_generalized_jsd,
+    topk_generalized_jsd,
+    vocab_parallel_token_logprobs,
 )
 from megatron_mopd.teachers import TeacherLogprobs
 from megatron_mopd.trainer.config import FUSED_OUTPUT_LAYER_LOSSES

@@ -1,12 +1,13 @@
 """The run's teachers: clients for remote servers, and the servers the trainer starts itself.
 
 A colocated teacher (``placement: colocated``) is a Megatron-Core model with the student's layout,
-loaded from its Hugging Face directory, run forward-only by every rank. A remote teacher entry either lists ``urls`` (servers you run: vLLM, SGLang, ``mopd serve-teacher``) or
-names a ``model`` directory: then local rank 0 of every node starts the reference teacher server on
-it (``mopd serve-teacher``, on loopback, ``--max-logprobs`` = the teacher's top-K) before training and
-stops it after, so a small run is one command. Only the ranks that fetch scores (the last pipeline
-stage's tensor/context-parallel rank 0 of each data-parallel rank) hold a client; the others get
-``None``. Every client is checked at start (health, model name, and that the server accepts top-K).
+loaded from its Hugging Face directory, run forward-only by every rank. A remote teacher entry either
+lists ``urls`` (servers you run: vLLM, SGLang, ``mopd serve-teacher``) or names a ``model`` directory:
+then local rank 0 of every node starts the reference teacher server on it (``mopd serve-teacher``, on
+loopback, ``--max-logprobs`` = the teacher's top-K) before training and stops it after, so a small
+run is one command. Only the ranks that fetch scores (the last pipeline stage's tensor/context-parallel
+rank 0 of each data-parallel rank) hold a client; the others get ``None``. Every client is checked at
+start (health, model name, and that the server accepts top-K).
 """
 
 from __future__ import annotations

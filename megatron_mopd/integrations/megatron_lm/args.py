@@ -32,7 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, NamedTuple, Optional
 
 from megatron_mopd.trainer.config import (
-    PROTOCOLS, TAILS, ConfigError, LossConfig, TeacherConfig, default_teacher_temperatures, register_resolvers,
+    PROTOCOLS,
+    TAILS,
+    ConfigError,
+    LossConfig,
+    TeacherConfig,
+    default_teacher_temperatures,
+    register_resolvers,
 )
 
 __all__ = ["MegatronLMMopdConfig", "add_mopd_args", "mopd_config_from_args"]
@@ -191,9 +197,9 @@ def _check_flag(flag: str, value: Any, build: Callable[[Any], Any]) -> None:
 
 
 def _read_file(path: str) -> Any:
+    import yaml
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
-    import yaml
 
     try:
         loaded = OmegaConf.load(path)
@@ -222,9 +228,9 @@ def _merge(merged: Any, update: Any, source: str) -> Any:
 
 
 def _override(merged: Any, item: str) -> Any:
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
-    import yaml
 
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
