@@ -87,6 +87,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if argv[0] not in COMMANDS:
         _top_parser().parse_args(argv[:1])  # prints the valid choices and exits 2
+    if argv[0] == "train":  # the platform first: on NPU, MindSpeed's adaptor before any Megatron import
+        from megatron_mopd.train import main as train
+
+        return train(argv[1:])
     return run_command(argv[0], argv[1:])
 
 
