@@ -1,10 +1,14 @@
-"""Specification: each wire protocol owns both directions of its scoring format.
+"""Specification: each wire protocol owns both directions of its scoring and generation formats.
 
 What a protocol renders for scored positions (``WireProtocol.render_scores``, as the servers write
 them) its own parser (``WireProtocol.parse``) reads back as the same ``ScoredRows``: the actual tokens'
 log-probabilities, the top K ids in the server's order and their log-probabilities, with −inf kept
 (vLLM writes it −9999.0, SGLang null), ties kept in the server's order, and positions whose support is
 smaller than K padded with −inf entries as the server sent them.
+
+What a protocol renders for a completion (``WireProtocol.render_generation``, answering its own
+``generation_request``) its own ``parse_generation`` reads back as the same ids, log-probabilities
+(−inf kept), finish reason and text.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import numpy as np
 import orjson
 import pytest
 
-from megatron_mopd.teachers.protocols import PROTOCOLS, ScoredPositions, ScoredRows, WireProtocol
+from megatron_mopd.rollout.types import SamplingParams
+from megatron_mopd.teachers.protocols import PROTOCOLS, Completion, ScoredPositions, ScoredRows, WireProtocol
 
 VOCAB = 12
 K = 5
@@ -88,3 +93,48 @@ def test_a_scoring_request_is_read_from_the_fields_the_client_writes() -> None:
     for protocol in PROTOCOLS.values():
         request = orjson.loads(protocol.request([[1, 2, 3], [4, 5]], 7, "teacher"))
         assert protocol.scoring_fields(request) == ([[1, 2, 3], [4, 5]], 7)
+
+
+def generation_response(protocol: WireProtocol, prompt: list[int], completion: Completion) -> bytes:
+    """The body a server answers ``generation_request`` with: vLLM one choice, with the token ids and the
+    tokens named by id that the request asks for; SGLang one result."""
+    if protocol.name == "vllm":
+        fields = protocol.render_generation(prompt, completion, return_tokens_as_token_ids=True,
+                                            return_token_ids=True)
+        return orjson.dumps({"choices": [{"index": 0, **fields}]})
+    return orjson.dumps(protocol.render_generation(prompt, completion))
+
+
+@pytest.mark.parametrize("finish_reason", ["stop", "length"])
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("name", sorted(PROTOCOLS))
+def test_a_rendered_completion_parses_back_to_the_same_ids_logprobs_and_finish(name: str, seed: int,
+                                                                                finish_reason: str) -> None:
+    protocol, rng = PROTOCOLS[name], np.random.default_rng(seed)
+    stop_id, max_new_tokens = VOCAB - 1, 8
+    prompt = rng.integers(VOCAB, size=4).tolist()
+    length = int(rng.integers(1, max_new_tokens + 1)) if finish_reason == "stop" else max_new_tokens
+    ids = rng.integers(VOCAB - 1, size=length).tolist()  # never the stop id, but where it ends a "stop"
+    if finish_reason == "stop":
+        ids[-1] = stop_id
+    # the distributions the ids were sampled from (an id may be impossible there: −inf)
+    distributions = random_distributions(rng, length)
+    scores = scores_of([prompt[-1], *ids], distributions)
+    completion = Completion(ids, "decoded text", finish_reason, stop_id if finish_reason == "stop" else None,
+                            max_new_tokens, scores)
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=(stop_id,))
+
+    generated = protocol.parse_generation(generation_response(protocol, prompt, completion), prompt, sampling)
+
+    assert generated.ids == tuple(ids) and generated.finish_reason == finish_reason
+    assert generated.text == "decoded text"
+    np.testing.assert_array_equal(generated.logprobs, np.array(scores.logprobs, np.float32))
+
+
+def test_an_impossible_sampled_token_reads_back_as_minus_infinity() -> None:
+    scores = ScoredPositions([3, 7], [-0.5, float("-inf")], [1, VOCAB], [[3], [2]], [[-0.5], [-0.1]])
+    completion = Completion([3, 7], "", "length", None, 2, scores)
+    for protocol in PROTOCOLS.values():
+        body = generation_response(protocol, [1, 2], completion)
+        generated = protocol.parse_generation(body, [1, 2], SamplingParams(max_new_tokens=2))
+        assert generated.logprobs.tolist() == [-0.5, float("-inf")]

@@ -42,8 +42,10 @@ parse, is never undone; see ``_gc_paused``.
 Servers use the same protocol objects for the other direction (``teachers.server``, the reference
 server, and ``testing.canned_server``): ``scoring_fields`` reads where a scoring request carries its
 prompts and K (each server validates them with its own messages), ``render_scores`` writes one
-prompt's ``ScoredPositions`` as the response carries them, and ``wire_logprob`` is the protocol's one
-encoding of −inf (vLLM −9999.0, SGLang null), so a rendered body parses back to the scores it renders.
+prompt's ``ScoredPositions`` as the response carries them, ``render_generation`` writes one prompt's
+``Completion`` (with those prompt scores, when asked for) as the result of a generation request, and
+``wire_logprob`` is the protocol's one encoding of −inf (vLLM −9999.0, SGLang null), so a rendered body
+parses back to the scores and completion it renders.
 
 Generation (``generation_request`` / ``parse_generation``): one prompt per request, since both servers
 seed a request's prompts alike (identical prompts with one seed would give identical completions).
@@ -73,8 +75,10 @@ ids; "stop" ends on a stop id, and no stop id comes before the end).
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -166,6 +170,23 @@ class Generated:
     text: Optional[str]
 
 
+@dataclass(frozen=True)
+class Completion:
+    """What a server generated for one prompt, before any wire encoding (``render_generation``): the
+    sampled ``ids`` and their decoded ``text``; ``finish_reason`` "stop" (the last id is a stop id) or
+    "length" (``max_new_tokens`` ids, or the context's end); ``stop_reason`` the requested stop id
+    (``stop_token_ids``) that ended it, None when it ended otherwise, at an end-of-sequence id included
+    (vLLM's ``stop_reason``); ``max_new_tokens`` the request's token limit; ``scores`` the scores of
+    ``ids`` (its ``tokens`` are ``ids``; None when log-probabilities were not asked for)."""
+
+    ids: Sequence[int]
+    text: str
+    finish_reason: str
+    stop_reason: Optional[int]
+    max_new_tokens: int
+    scores: Optional[ScoredPositions]
+
+
 class WireProtocol(ABC):
     """One server dialect: the scoring endpoint (also the generation endpoint), its request bodies and
     their response parsers (client side), and the reading of scoring requests and the rendering of
@@ -209,6 +230,15 @@ class WireProtocol(ABC):
     def generation_request(self, prompt: Sequence[int], sampling: SamplingParams, seed: int,
                            model: Optional[str]) -> bytes:
         """The JSON body asking for one completion of ``prompt`` (``seed`` replaces ``sampling.seed``)."""
+
+    @abstractmethod
+    def render_generation(self, prompt: Sequence[int], completion: Completion,
+                          prompt_scores: Optional[dict[str, list]] = None,
+                          texts: Optional[TokenTexts] = None) -> dict[str, Any]:
+        """One result of a generation response, as the real server writes it: ``completion`` of
+        ``prompt`` and, where the server puts them, ``prompt_scores`` (the fields ``render_scores``
+        wrote for ``prompt``; None: not asked for). ``texts`` gives each generated id's decoded text in
+        its log-probabilities (None: none). ``parse_generation`` reads it back."""
 
     def parse_generation(self, body: bytes, prompt: Sequence[int], sampling: SamplingParams) -> Generated:
         """The completion in ``body``, the response to ``generation_request(prompt, sampling, ...)``;
@@ -336,6 +366,42 @@ class VLLMProtocol(WireProtocol):
             "return_token_ids": True, "return_tokens_as_token_ids": True,
         })
 
+    def render_generation(self, prompt: Sequence[int], completion: Completion,
+                          prompt_scores: Optional[dict[str, list]] = None, texts: Optional[TokenTexts] = None, *,
+                          return_tokens_as_token_ids: bool = False, return_token_ids: bool = False) -> dict[str, Any]:
+        """A choice without its ``index``: ``text``, ``logprobs`` (null without ``completion.scores``, see
+        ``_sample_logprobs``), ``finish_reason``, ``stop_reason``, ``prompt_logprobs`` (null without
+        ``prompt_scores``), and ``prompt_token_ids`` and ``token_ids``, null unless ``return_token_ids``.
+        ``return_tokens_as_token_ids`` names each generated token ``token_id:<id>``, else by its text
+        ("" where ``texts`` gives none)."""
+        text = texts or _no_text
+        name = (lambda i: f"token_id:{i}") if return_tokens_as_token_ids else (lambda i: text(i) or "")
+        scores = completion.scores
+        return {
+            "text": completion.text,
+            "logprobs": None if scores is None else self._sample_logprobs(completion.ids, scores, name),
+            "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason,
+            **({"prompt_logprobs": None} if prompt_scores is None else prompt_scores),
+            "prompt_token_ids": prompt if return_token_ids else None,
+            "token_ids": completion.ids if return_token_ids else None,
+        }
+
+    def _sample_logprobs(self, ids: Sequence[int], scores: ScoredPositions,
+                         name: Callable[[int], str]) -> dict[str, list]:
+        """vLLM's ``choices[i].logprobs`` of the generated ``ids``: each token's ``name``, its
+        log-probability, ``{name: logprob}`` of it and then the top K (a name twice keeps its first
+        place), and the text offsets (cumulative name lengths)."""
+        wire = self.wire_logprob
+        tokens = [name(token) for token in ids]
+        tops = []
+        for token, logprob, top_ids, top_logprobs in zip(ids, scores.logprobs, scores.top_ids, scores.top_logprobs):
+            top = {name(token): wire(logprob)}
+            top.update((name(i), wire(v)) for i, v in zip(top_ids, top_logprobs))
+            tops.append(top)
+        offsets = list(itertools.accumulate(map(len, tokens[:-1]), initial=0)) if tokens else []
+        return {"text_offset": offsets, "token_logprobs": list(map(wire, scores.logprobs)), "tokens": tokens,
+                "top_logprobs": tops}
+
     def _parse_generation(self, doc: Any, prompt: Sequence[int]) -> tuple[tuple[int, ...], np.ndarray, str,
                                                                         Optional[str]]:
         choices = doc.get("choices") if isinstance(doc, dict) else None
@@ -419,11 +485,11 @@ class SGLangProtocol(WireProtocol):
         """``input_token_logprobs`` (``[null, id, text]`` for the first token) and ``input_top_logprobs``
         (null for the first token), as ``entries`` writes the others."""
         text = texts or _no_text
-        token_entries, top_entries = self.entries(scored, texts)
+        token_entries, top_entries = self._entries(scored, texts)
         return {"input_token_logprobs": [[None, prompt[0], text(prompt[0])], *token_entries],
                 "input_top_logprobs": [None, *top_entries]}
 
-    def entries(self, scored: ScoredPositions, texts: Optional[TokenTexts] = None) -> tuple[list, list]:
+    def _entries(self, scored: ScoredPositions, texts: Optional[TokenTexts] = None) -> tuple[list, list]:
         """SGLang's ``[logprob, id, text]`` per scored token and ``[[logprob, id, text] × K]`` (its top K)
         per scored token (the ``*_token_logprobs`` and ``*_top_logprobs`` of prompts and outputs)."""
         text, wire = texts or _no_text, self.wire_logprob
@@ -495,6 +561,25 @@ class SGLangProtocol(WireProtocol):
             },
             "return_logprob": True,
         })
+
+    def render_generation(self, prompt: Sequence[int], completion: Completion,
+                          prompt_scores: Optional[dict[str, list]] = None,
+                          texts: Optional[TokenTexts] = None) -> dict[str, Any]:
+        """``text``, ``output_ids`` and ``meta_info``: a fresh request ``id``, ``finish_reason``
+        (``{"type": "stop", "matched": <the last id>}`` or ``{"type": "length", "length":
+        <max_new_tokens>}``), the prompt and completion token counts, ``cached_tokens`` 0, then
+        ``prompt_scores`` when given and ``output_token_logprobs`` / ``output_top_logprobs`` (as
+        ``_entries`` writes them) when ``completion.scores`` is."""
+        ids = completion.ids
+        finish = ({"type": "stop", "matched": ids[-1]} if completion.finish_reason == "stop"
+                  else {"type": "length", "length": completion.max_new_tokens})
+        meta: dict[str, Any] = {"id": uuid.uuid4().hex, "finish_reason": finish, "prompt_tokens": len(prompt),
+                                "completion_tokens": len(ids), "cached_tokens": 0}
+        if prompt_scores is not None:
+            meta.update(prompt_scores)
+        if completion.scores is not None:
+            meta["output_token_logprobs"], meta["output_top_logprobs"] = self._entries(completion.scores, texts)
+        return {"text": completion.text, "output_ids": ids, "meta_info": meta}
 
     def _parse_generation(self, doc: Any, prompt: Sequence[int]) -> tuple[tuple[int, ...], np.ndarray, str,
                                                                         Optional[str]]:

@@ -21,9 +21,10 @@ in-process:
 
 The model runs in ``teachers.server_engine`` (one forward per request, scoring, sampling, weight
 reloads); this module is its HTTP front: routing, the protocols' request options, JSON errors, the
-response bodies (the prompt scores rendered by ``teachers.protocols``, so −inf is −9999.0 for vLLM and
-null for SGLang, as the real servers write it) and the limits below. Each prompt token's ``rank`` is
-vLLM's: the number of vocabulary ids at least as probable, so tied tokens take the last of their ranks.
+response envelopes (each prompt's scores and completion are rendered by ``teachers.protocols``, so −inf
+is −9999.0 for vLLM and null for SGLang, as the real servers write it) and the limits below. Each
+prompt token's ``rank`` is vLLM's: the number of vocabulary ids at least as probable, so tied tokens
+take the last of their ranks.
 Generation stops after an end-of-sequence id of the generation config or the tokenizer, or after a
 ``stop_token_ids`` id (vLLM: ``finish_reason`` "stop", ``stop_reason`` the id; EOS gives
 ``stop_reason`` null). ``ignore_eos`` drops the end-of-sequence ids (vLLM; SGLang drops the
@@ -52,7 +53,6 @@ vocabulary, get 400 (both protocols), as do requests whose response would exceed
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import os
 import signal
@@ -66,8 +66,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from megatron_mopd.teachers.protocols import SGLangProtocol, VLLMProtocol
-from megatron_mopd.teachers.server_engine import DTYPES, RequestError, Result, Rows, Sampling, TeacherEngine
+from megatron_mopd.teachers.protocols import Completion, SGLangProtocol, VLLMProtocol
+from megatron_mopd.teachers.server_engine import DTYPES, RequestError, Result, Sampling, TeacherEngine
 
 log = logging.getLogger(__name__)
 
@@ -328,15 +328,12 @@ class TeacherServer:
         results = self._run(prompts, k, sampling)
         as_ids = _option(body, "return_tokens_as_token_ids", False, "bool")
         with_ids = _option(body, "return_token_ids", False, "bool")
-        choices = [{
-            "index": i, "text": self.engine.decode(r.output),
-            "logprobs": None if output_k is None else self._vllm_logprobs(r.output, r.output_rows, as_ids),
-            "finish_reason": "stop" if r.stopped else "length",
-            "stop_reason": r.output[-1] if r.stopped and r.output[-1] in stop_token_ids - eos_ids else None,
-            **({"prompt_logprobs": None} if r.prompt_rows is None else
-               _VLLM.render_scores(p, r.prompt_rows.of(p[1:]), self.engine.texts.__getitem__)),
-            "prompt_token_ids": p if with_ids else None, "token_ids": r.output if with_ids else None,
-        } for i, (p, r) in enumerate(zip(prompts, results))]
+        texts = self.engine.texts.__getitem__
+        choices = [{"index": i, **_VLLM.render_generation(
+            p, self._completion(r, sampling.max_new, stop_token_ids, eos_ids),
+            None if r.prompt_rows is None else _VLLM.render_scores(p, r.prompt_rows.of(p[1:]), texts), texts,
+            return_tokens_as_token_ids=as_ids, return_token_ids=with_ids,
+        )} for i, (p, r) in enumerate(zip(prompts, results))]
         prompt_tokens, generated = sum(map(len, prompts)), sum(len(r.output) for r in results)
         usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + generated,
                  "completion_tokens": generated, "prompt_tokens_details": None}
@@ -344,22 +341,15 @@ class TeacherServer:
                     "model": self.model_name, "choices": choices, "usage": usage}
         return response, f"{len(prompts)} prompts, {prompt_tokens} tokens, K={k}, {generated} generated"
 
-    def _vllm_logprobs(self, output: list[int], rows: Optional[Rows], as_ids: bool) -> dict[str, list]:
-        """vLLM's ``choices[i].logprobs`` of the generated tokens: each token's text (``token_id:<id>``
-        with ``as_ids``), its log-probability, ``{text: logprob}`` of it and then the top K (a text
-        twice keeps its first place), and the text offsets (cumulative token-text lengths)."""
-        assert rows is not None
-        name = (lambda i: f"token_id:{i}") if as_ids else (lambda i: self.engine.texts[i] or "")
-        tokens = [name(token) for token in output]
-        wire = _VLLM.wire_logprob
-        tops = []
-        for token, logprob, top_ids, top_logprobs in zip(output, rows.logprobs, rows.top_ids, rows.top_logprobs):
-            top = {name(token): wire(logprob)}
-            top.update((name(i), wire(v)) for i, v in zip(top_ids, top_logprobs))
-            tops.append(top)
-        offsets = list(itertools.accumulate(map(len, tokens[:-1]), initial=0)) if tokens else []
-        return {"text_offset": offsets, "token_logprobs": list(map(wire, rows.logprobs)), "tokens": tokens,
-                "top_logprobs": tops}
+    def _completion(self, result: Result, max_new: int, stop_token_ids: frozenset[int],
+                    eos_ids: frozenset[int]) -> Completion:
+        """``result``'s completion, for a wire protocol: its decoded text, and the ``stop_token_ids`` id
+        it ended at unless that is also one of the ``eos_ids`` the request stops at (vLLM's
+        ``stop_reason``: null for an end of sequence)."""
+        last = result.output[-1] if result.stopped else None
+        return Completion(result.output, self.engine.decode(result.output), "stop" if result.stopped else "length",
+                          last if last in stop_token_ids - eos_ids else None, max_new,
+                          None if result.output_rows is None else result.output_rows.of(result.output))
 
     def _logprobs_option(self, body: dict, key: str, kind: str) -> Optional[int]:
         """vLLM's ``prompt_logprobs`` / ``logprobs``: None, or a count in [0, --max-logprobs]."""
@@ -417,27 +407,24 @@ class TeacherServer:
         top_k = _option(sampling, "top_k", -1, "int")
         if top_k == 0 or top_k < -1:
             raise RequestError(f"top_k must be -1 (disable) or at least 1, got {top_k}.")
-        stops = frozenset() if _option(sampling, "ignore_eos", False, "bool") else \
-            _token_ids(sampling, "stop_token_ids") | self.engine.eos_ids
+        ignore_eos = _option(sampling, "ignore_eos", False, "bool")  # SGLang drops stop_token_ids too
+        stop_token_ids = frozenset() if ignore_eos else _token_ids(sampling, "stop_token_ids")
+        eos_ids = frozenset() if ignore_eos else self.engine.eos_ids
         temperature = 0.0 if top_k == 1 else _option(sampling, "temperature", 1.0, "number")  # SGLang: greedy
         results = self._run(prompts, k if return_logprob else None, Sampling(
             max_new=max_new, temperature=temperature, top_k=max(top_k, 0),
-            seed=_option(sampling, "sampling_seed", None, "int"), stop_ids=stops,
+            seed=_option(sampling, "sampling_seed", None, "int"), stop_ids=stop_token_ids | eos_ids,
             output_k=k if return_logprob else None, logprobs="scaled"))
         texts = self.engine.texts.__getitem__ if with_text else None
         out = []
         for prompt, r in zip(prompts, results):
-            finish = {"type": "stop", "matched": r.output[-1]} if r.stopped else {"type": "length", "length": max_new}
-            meta: dict[str, Any] = {"id": uuid.uuid4().hex, "finish_reason": finish, "prompt_tokens": len(prompt),
-                                    "completion_tokens": len(r.output), "cached_tokens": 0}
-            if return_logprob:
-                assert r.prompt_rows is not None and r.output_rows is not None
+            prompt_scores = None
+            if r.prompt_rows is not None:
                 first = len(prompt) - 1 if start == -1 else min(start, len(prompt))
                 scores = _SGLANG.render_scores(prompt, r.prompt_rows.of(prompt[1:]), texts)
-                meta.update((field, entries[first:]) for field, entries in scores.items())
-                meta["output_token_logprobs"], meta["output_top_logprobs"] = _SGLANG.entries(
-                    r.output_rows.of(r.output), texts)
-            out.append({"text": self.engine.decode(r.output), "output_ids": r.output, "meta_info": meta})
+                prompt_scores = {field: entries[first:] for field, entries in scores.items()}
+            out.append(_SGLANG.render_generation(prompt, self._completion(r, max_new, stop_token_ids, eos_ids),
+                                                 prompt_scores, texts))
         prompt_tokens, generated = sum(map(len, prompts)), sum(len(r.output) for r in results)
         summary = f"{len(prompts)} prompts, {prompt_tokens} tokens, K={k if return_logprob else None}, " \
                   f"{generated} generated"
