@@ -4,7 +4,8 @@ Built between the two fixture tokenizers (GPT-2-style byte-level BPE and Llama-s
 BPE with byte fallback, in both directions) and between two byte-level vocabularies of different
 sizes:
 - token strings are compared as canonical bytes (``Ġ``/``Ċ`` bytes, ``▁`` = space, ``<0xNN>`` = byte), so
-  every single byte, control bytes included, maps one-hot between the two;
+  every single byte, control bytes included, maps one-hot between the two; ``<0xNN>`` is a byte also when
+  a tokenizer registers it as a special token, while real special tokens stay control symbols;
 - a student token the teacher has verbatim gets a one-hot row; any other is re-encoded by the
   teacher into pieces t₀…, weighted β·γ^i normalized (repeated pieces accumulate), pieces that must
   spell exactly the student token's bytes (no dummy prefix space, no special tokens, partial UTF-8 as
@@ -28,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from megatron_mopd import cli
@@ -39,7 +40,7 @@ from megatron_mopd.crosstok import (
     VocabProjection,
     vocabulary_fingerprint,
 )
-from megatron_mopd.demo.tokenizers import byte_level_bpe, sentencepiece_bpe, tokenizer_dir
+from megatron_mopd.demo.tokenizers import MULTILINGUAL_SAMPLE, byte_level_bpe, sentencepiece_bpe, tokenizer_dir
 
 BETA, GAMMA = 0.9, 0.1
 PAIRS = ["bl_to_sp", "sp_to_bl", "bl_to_small"]
@@ -210,6 +211,76 @@ def test_control_bytes_map_one_hot_to_the_teachers_byte_tokens(byte_level, sente
         assert bl_to_sp.exact[student_id]
         assert row(sp_to_bl, fallback) == {student_id: 1.0}, hex(byte)
         assert sp_to_bl.exact[fallback]
+
+
+@pytest.fixture(scope="module")
+def special_bytes_teacher(tmp_path_factory) -> Path:
+    """A small SentencePiece-style BPE tokenizer directory with byte fallback, trained with the ``tokenizers``
+    library on the multilingual sample with ``<0x00>``…``<0xFF>`` among the trainer's special tokens, so that
+    they are registered as added special tokens (as some SentencePiece conversions and trainers do)."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens],
+                                  show_progress=False)
+    tokenizer.train_from_iterator([MULTILINGUAL_SAMPLE], trainer=trainer)
+    directory = tmp_path_factory.mktemp("special_bytes_teacher")
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    wrapped.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def special_bytes_to_bl_without_specials(special_bytes_teacher, byte_level) -> VocabProjection:
+    return VocabProjection.build(special_bytes_teacher, byte_level, match_special=False)
+
+
+def test_byte_tokens_registered_as_special_are_still_bytes(
+    byte_level, special_bytes_teacher, special_bytes_to_bl_without_specials
+) -> None:
+    """Every byte-level token that spells one byte gets a one-hot row on the teacher's token of that byte:
+    its regular token where it has one, else its ``<0xNN>``, even though the teacher registers all its
+    ``<0xNN>`` as special tokens (every non-ASCII byte goes there); and each ``<0xNN>`` maps back one-hot
+    to the byte-level token, with the special-token pass off: it is matched as a byte, not by content."""
+    teacher = AutoTokenizer.from_pretrained(special_bytes_teacher)
+    byte_tokens = {byte: tid(teacher, f"<0x{byte:02X}>") for byte in range(256)}
+    assert all(teacher.added_tokens_decoder[j].special for j in byte_tokens.values())
+    regular = {
+        key: j
+        for token, j in teacher.get_vocab().items()
+        if j not in teacher.added_tokens_decoder and len(key := token.replace("▁", " ").encode()) == 1
+    }
+    convention = TokenConvention(byte_level=True)
+    single_bytes = {
+        key[0]: student_id
+        for token, student_id in byte_level.get_vocab().items()
+        if (key := convention.canonical(token)) is not None and len(key) == 1
+    }
+    assert sorted(single_bytes) == list(range(256))
+    bl_to_special_bytes = VocabProjection.build(byte_level, special_bytes_teacher)
+    expected = {byte: regular.get(bytes([byte]), byte_tokens[byte]) for byte in range(256)}
+    assert all(expected[byte] == byte_tokens[byte] for byte in range(0x80, 0x100))
+    for byte, student_id in single_bytes.items():
+        assert row(bl_to_special_bytes, student_id) == {expected[byte]: 1.0}, hex(byte)
+        assert bl_to_special_bytes.exact[student_id]
+        assert row(special_bytes_to_bl_without_specials, byte_tokens[byte]) == {student_id: 1.0}, hex(byte)
+        assert special_bytes_to_bl_without_specials.exact[byte_tokens[byte]]
+
+
+def test_real_special_tokens_beside_special_byte_tokens_stay_control_symbols(
+    special_bytes_teacher, special_bytes_to_bl_without_specials
+) -> None:
+    """``<s>``, ``</s>``, ``<unk>`` are special tokens matched by content only: they spell no bytes, so with
+    the special-token pass off their rows stay empty (``<s>`` is not the text "<s>" split into pieces)."""
+    teacher = AutoTokenizer.from_pretrained(special_bytes_teacher)
+    vocabulary = CanonicalVocabulary.of(teacher)
+    real_specials = {content: tid(teacher, content) for content in ("<unk>", "<s>", "</s>")}
+    assert vocabulary.specials == real_specials
+    for content, i in real_specials.items():
+        assert vocabulary.keys[i] is None and not vocabulary.fallback[i]
+        assert row(special_bytes_to_bl_without_specials, i) == {}, content
+    assert special_bytes_to_bl_without_specials.stats.unmapped == len(real_specials)
 
 
 def test_split_tokens_get_normalized_geometric_weights(byte_level, sentencepiece, bl_to_sp, sp_to_bl) -> None:

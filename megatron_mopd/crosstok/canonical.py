@@ -8,11 +8,14 @@ tokenizer's backend (decoder, pre-tokenizer, normalizer and model JSON), never f
 ``space``       SentencePiece: a word-boundary symbol (``▁``, from a Metaspace pre-tokenizer or
                 decoder, or a ``Replace`` between it and a space) stands for a space; the rest is text.
 plain           neither: the token string is its text.
-With ``byte_fallback`` (the model's flag or a ``ByteFallback`` decoder) ``<0xNN>`` is the raw byte NN.
+With ``byte_fallback`` (the model's flag or a ``ByteFallback`` decoder) ``<0xNN>`` is the raw byte NN,
+also when the tokenizer registers it as an added or special token (as some SentencePiece conversions
+and trainers do): it is still the byte NN, never a control symbol.
 
 The canonical key of a token is that byte string (``Ġthe`` and ``▁the`` are both ``b" the"``).
-Special tokens have no key: they are control symbols, not text, and are matched by content only.
-A non-special added token's key is its content (added tokens are stored verbatim).
+Special tokens (other than ``<0xNN>`` byte-fallback tokens) have no key: they are control symbols,
+not text, and are matched by content only. A non-special added token's key is its content (added
+tokens are stored verbatim).
 """
 
 from __future__ import annotations
@@ -89,8 +92,9 @@ class TokenConvention:
         return self.byte_fallback and _BYTE_FALLBACK.fullmatch(token) is not None
 
     def canonical(self, token: str) -> Optional[bytes]:
-        """The bytes a regular (non-added) token string stands for; None when it spells no bytes
-        (e.g. a character outside the byte-level alphabet)."""
+        """The bytes a regular (non-added) token string, or a ``<0xNN>`` byte-fallback token however
+        registered, stands for; None when it spells no bytes (e.g. a character outside the byte-level
+        alphabet)."""
         if self.byte_fallback and (match := _BYTE_FALLBACK.fullmatch(token)):
             return bytes([int(match.group(1), 16)])
         try:
@@ -132,9 +136,12 @@ class CanonicalVocabulary:
     Attributes:
         convention: how the token strings spell text.
         keys: ``[len(tokenizer)]`` canonical bytes of each id; None for special tokens and ids that
-            spell no bytes.
-        fallback: ``[len(tokenizer)]`` whether the id is a ``<0xNN>`` byte-fallback token.
-        specials: special-token content → id.
+            spell no bytes. A ``<0xNN>`` byte-fallback token's key is its byte, whether it is a regular,
+            added or special token.
+        fallback: ``[len(tokenizer)]`` whether the id is a ``<0xNN>`` byte-fallback token (regular,
+            added or special).
+        specials: special-token content → id; byte-fallback tokens are not among them (they are bytes,
+            matched by their key).
         fingerprint: ``vocabulary_fingerprint`` of the tokenizer.
     """
 
@@ -163,13 +170,14 @@ class CanonicalVocabulary:
         size = len(tokenizer)
         tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
         added = {i: t for i, t in tokenizer.added_tokens_decoder.items() if i < size}
+        fallback = [t is not None and convention.is_byte_fallback(t) for t in tokens]
         special_ids = {i for i, t in added.items() if t.special} | {i for i in tokenizer.all_special_ids if i < size}
-        fallback = [t is not None and i not in added and convention.is_byte_fallback(t) for i, t in enumerate(tokens)]
+        special_ids = {i for i in special_ids if not fallback[i]}
         keys: list[Optional[bytes]] = []
         for i, token in enumerate(tokens):
             if token is None or i in special_ids:
                 keys.append(None)
-            elif i in added:
+            elif i in added and not fallback[i]:
                 keys.append(added[i].content.encode("utf-8"))
             else:
                 keys.append(convention.canonical(token))

@@ -5,6 +5,8 @@ over canonical bytes (``canonical.py``), each row taking the first pass that map
 
 ``special``      a special token ↔ the teacher's special token with the same content
                  (``<|endoftext|>``, ``</s>``); with ``match_special=False`` special rows stay empty.
+                 A ``<0xNN>`` byte-fallback token registered as special is a byte, not a special
+                 token: it is matched by ``exact`` (and reached by ``multi_token``) like any byte.
 ``exact``        the teacher has a token with identical canonical bytes: a one-hot row.
 ``multi_token``  the student token's bytes re-encoded by the teacher into t₀…t_{ℓ−1} (verified to
                  spell exactly those bytes; partial UTF-8 maps to single-byte tokens); the first
