@@ -47,7 +47,7 @@ from megatron_mopd.losses.divergence import (
 )
 from megatron_mopd.losses.jsd import kernel_jsd_gradient, kernel_jsd_sums
 from megatron_mopd.losses.topk import topk_support_terms
-from megatron_mopd.parallel.chunking import local_logsumexp_and_gather, row_slices
+from megatron_mopd.parallel.chunking import row_slices
 from megatron_mopd.parallel.vocab import VocabShard
 
 # float32 elements per vocabulary block of the full-vocabulary JSD's passes: its ~5 block-sized
@@ -152,10 +152,10 @@ class _SoftmaxShapedGradient(ChunkLoss):
         ``grad_chunk``; without the kernels zt ← e in place (m saved too)."""
         local_ids, owned = self.local_ids[rows], self.owned[rows]
         if self.kernels:
-            local_lse, values = local_logsumexp_and_gather(zt.t(), self.shard.num_valid, self.temperature,
-                                                           zt.shape[1], local_ids, owned)
-            self.lse[rows] = lse = self.shard.logsumexp(local_lse)
-            return self.shard.all_reduce_(values), lse
+            at_ids, lse = self.shard.gather_owned_columns_and_logsumexp(zt.t(), local_ids, owned, self.temperature,
+                                                                        zt.shape[1])
+            self.lse[rows] = lse
+            return at_ids, lse
         at_ids = _gather_owned(self.shard, zt, local_ids, owned)
         shift, lse = _softmax_numerator_(self.shard, zt, self.temperature)
         self.shift[rows], self.lse[rows] = shift, lse

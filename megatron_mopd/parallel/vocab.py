@@ -157,6 +157,18 @@ class VocabShard:
             calls, in the same order (the all-reduce of the values, then the all-gather of the lse).
         """
         local_ids, owned = self.owned_local_ids(ids, present)
+        return self.gather_owned_columns_and_logsumexp(local, local_ids, owned, temperature, rows_per_chunk)
+
+    def gather_owned_columns_and_logsumexp(
+        self,
+        local: torch.Tensor,
+        local_ids: torch.Tensor,
+        owned: torch.Tensor,
+        temperature: float,
+        rows_per_chunk: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``gather_columns_and_logsumexp`` from the local columns ``local_ids`` [N, K] (in range) and
+        the mask ``owned`` of the ids this rank holds, as ``owned_local_ids`` gives them."""
         local_lse, values = local_logsumexp_and_gather(
             local, self.num_valid, temperature, rows_per_chunk, local_ids, owned
         )
